@@ -1,0 +1,604 @@
+//! The v1 wire protocol (`proto/README.md`): client frames in, server frames out, in JSON text
+//! frames or MessagePack binary frames.
+//!
+//! Server frames leave here as complete WebSocket frames (header included). Server frames are not
+//! masked, so the same bytes are valid on every connection: a published message is encoded once
+//! per encoding and shared by all of its subscribers.
+
+use std::fmt;
+use std::io::Write as _;
+
+use actix_http::ws::OpCode;
+use bytes::Bytes;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::data::Data;
+use crate::topic::{self, Subject};
+
+/// A wire encoding, chosen per connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Encoding {
+    Json,
+    Msgpack,
+}
+
+impl Encoding {
+    pub(crate) const ALL: [Encoding; 2] = [Encoding::Json, Encoding::Msgpack];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Encoding::Json => "json",
+            Encoding::Msgpack => "msgpack",
+        }
+    }
+
+    pub(crate) fn subprotocol(self) -> &'static str {
+        match self {
+            Encoding::Json => "crier.json",
+            Encoding::Msgpack => "crier.msgpack",
+        }
+    }
+
+    pub(crate) fn from_subprotocol(s: &str) -> Option<Encoding> {
+        Encoding::ALL.into_iter().find(|e| e.subprotocol() == s)
+    }
+
+    pub(crate) fn from_name(s: &str) -> Option<Encoding> {
+        Encoding::ALL.into_iter().find(|e| e.name() == s)
+    }
+
+    fn opcode(self) -> OpCode {
+        match self {
+            Encoding::Json => OpCode::Text,
+            Encoding::Msgpack => OpCode::Binary,
+        }
+    }
+}
+
+/// Error codes sent in `error` frames and HTTP error bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ErrorCode {
+    BadFrame,
+    UnknownOp,
+    InvalidTopic,
+    PayloadTooLarge,
+    TooManySubscriptions,
+}
+
+impl ErrorCode {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::InvalidTopic => "invalid_topic",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+        }
+    }
+}
+
+/// A close code Crier sends, its reason text, and the reason label it is counted under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CloseCode {
+    pub code: u16,
+    pub reason: &'static str,
+    pub metric: &'static str,
+}
+
+impl CloseCode {
+    /// Answer to a client's own close.
+    pub(crate) const NORMAL: CloseCode = CloseCode {
+        code: 1000,
+        reason: "",
+        metric: "client",
+    };
+    /// The server is shutting down; reconnect (to another node) and recover.
+    pub(crate) const GOING_AWAY: CloseCode = CloseCode {
+        code: 1001,
+        reason: "going away",
+        metric: "shutdown",
+    };
+    /// The client broke the WebSocket protocol.
+    pub(crate) const PROTOCOL_ERROR: CloseCode = CloseCode {
+        code: 1002,
+        reason: "protocol error",
+        metric: "protocol_error",
+    };
+    /// A text frame that is not UTF-8.
+    pub(crate) const INVALID_PAYLOAD: CloseCode = CloseCode {
+        code: 1007,
+        reason: "invalid UTF-8 in a text frame",
+        metric: "protocol_error",
+    };
+    /// A WebSocket message above the frame limit.
+    pub(crate) const MESSAGE_TOO_BIG: CloseCode = CloseCode {
+        code: 1009,
+        reason: "message too big",
+        metric: "protocol_error",
+    };
+    /// Nothing (not even a pong) came from the client within the idle timeout.
+    pub(crate) const IDLE_TIMEOUT: CloseCode = CloseCode {
+        code: 4001,
+        reason: "idle timeout",
+        metric: "idle_timeout",
+    };
+    /// The client could not keep up with its messages.
+    pub(crate) const SLOW_CONSUMER: CloseCode = CloseCode {
+        code: 4008,
+        reason: "slow consumer",
+        metric: "slow_consumer",
+    };
+}
+
+/// A client's request id, echoed in the answer: an unsigned integer or a string.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub(crate) enum FrameId {
+    Num(u64),
+    Str(String),
+}
+
+impl<'de> Deserialize<'de> for FrameId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = FrameId;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an unsigned integer or a string")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<FrameId, E> {
+                Ok(FrameId::Num(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<FrameId, E> {
+                u64::try_from(v)
+                    .map(FrameId::Num)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<FrameId, E> {
+                Ok(FrameId::Str(v.to_owned()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// A parsed, validated client request.
+#[derive(Debug)]
+pub(crate) struct Request {
+    pub id: Option<FrameId>,
+    pub op: Op,
+}
+
+#[derive(Debug)]
+pub(crate) enum Op {
+    Subscribe { subject: Subject },
+    Unsubscribe { subject: Subject },
+    Publish { topic: String, data: Data },
+    Ping,
+}
+
+/// A client frame that could not be served, answered with an `error` frame.
+#[derive(Debug)]
+pub(crate) struct FrameError {
+    pub id: Option<FrameId>,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl FrameError {
+    pub(crate) fn new(id: Option<FrameId>, code: ErrorCode, message: impl Into<String>) -> Self {
+        FrameError {
+            id,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Every field any op may carry; `D` is how `data` is captured in each encoding.
+#[derive(Deserialize)]
+#[serde(bound(deserialize = "D: Deserialize<'de>"))]
+struct RawFrame<D> {
+    op: String,
+    #[serde(default)]
+    id: Option<FrameId>,
+    #[serde(default)]
+    topic: Option<String>,
+    /// `Some` whenever the field is present, even when it is `null`.
+    #[serde(default, deserialize_with = "present")]
+    data: Option<D>,
+}
+
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// Only the id, to answer a frame that failed to parse as a whole.
+#[derive(Deserialize)]
+struct IdOnly {
+    #[serde(default)]
+    id: Option<FrameId>,
+}
+
+/// Parses a JSON text frame.
+pub(crate) fn parse_json(text: &str) -> Result<Request, FrameError> {
+    if !text.trim_start().starts_with('{') {
+        return Err(FrameError::new(
+            None,
+            ErrorCode::BadFrame,
+            "a frame must be a JSON object",
+        ));
+    }
+    match serde_json::from_str::<RawFrame<&serde_json::value::RawValue>>(text) {
+        Ok(raw) => {
+            let data = raw
+                .data
+                .map(|d| Data::Json(Bytes::copy_from_slice(d.get().as_bytes())));
+            validate(raw.op, raw.id, raw.topic, data)
+        }
+        Err(e) => {
+            let id = serde_json::from_str::<IdOnly>(text).ok().and_then(|f| f.id);
+            Err(FrameError::new(
+                id,
+                ErrorCode::BadFrame,
+                format!("bad frame: {e}"),
+            ))
+        }
+    }
+}
+
+/// Parses a MessagePack binary frame.
+pub(crate) fn parse_msgpack(bytes: &[u8]) -> Result<Request, FrameError> {
+    let is_map = matches!(bytes.first(), Some(0x80..=0x8f | 0xde | 0xdf));
+    if !is_map {
+        return Err(FrameError::new(
+            None,
+            ErrorCode::BadFrame,
+            "a frame must be a MessagePack map",
+        ));
+    }
+    match rmp_serde::from_slice::<RawFrame<rmpv::Value>>(bytes) {
+        Ok(raw) => {
+            let data = raw.data.as_ref().map(Data::from_msgpack_value);
+            validate(raw.op, raw.id, raw.topic, data)
+        }
+        Err(e) => {
+            let id = rmp_serde::from_slice::<IdOnly>(bytes)
+                .ok()
+                .and_then(|f| f.id);
+            Err(FrameError::new(
+                id,
+                ErrorCode::BadFrame,
+                format!("bad frame: {e}"),
+            ))
+        }
+    }
+}
+
+fn validate(
+    op: String,
+    id: Option<FrameId>,
+    topic: Option<String>,
+    data: Option<Data>,
+) -> Result<Request, FrameError> {
+    let needs_topic = |topic: Option<String>| {
+        topic.ok_or_else(|| {
+            FrameError::new(
+                id.clone(),
+                ErrorCode::BadFrame,
+                format!("{op} needs a topic"),
+            )
+        })
+    };
+    let subject = |topic: &str| {
+        Subject::parse(topic).map_err(|e| FrameError::new(id.clone(), ErrorCode::InvalidTopic, e.0))
+    };
+    let op = match op.as_str() {
+        "subscribe" => Op::Subscribe {
+            subject: subject(&needs_topic(topic)?)?,
+        },
+        "unsubscribe" => Op::Unsubscribe {
+            subject: subject(&needs_topic(topic)?)?,
+        },
+        "publish" => {
+            let topic = needs_topic(topic)?;
+            topic::validate_topic(&topic)
+                .map_err(|e| FrameError::new(id.clone(), ErrorCode::InvalidTopic, e.0))?;
+            let data = data.ok_or_else(|| {
+                FrameError::new(id.clone(), ErrorCode::BadFrame, "publish needs data")
+            })?;
+            Op::Publish { topic, data }
+        }
+        "ping" => Op::Ping,
+        other => {
+            let shown: String = other.chars().take(64).collect();
+            return Err(FrameError::new(
+                id,
+                ErrorCode::UnknownOp,
+                format!("unknown op {shown:?}; expected subscribe, unsubscribe, publish or ping"),
+            ));
+        }
+    };
+    Ok(Request { id, op })
+}
+
+/// The limits a client should know about, sent in `welcome`.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Limits {
+    pub max_message_bytes: usize,
+    pub max_frame_bytes: usize,
+    pub max_buffered_bytes: usize,
+    pub max_subscriptions: usize,
+    pub slow_consumer: &'static str,
+    pub ping_interval_ms: u64,
+    pub idle_timeout_ms: u64,
+}
+
+/// Server frames other than `message` (which has its own fast path).
+#[derive(Debug, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub(crate) enum ServerFrame<'a> {
+    Welcome {
+        connection: &'a str,
+        encoding: &'static str,
+        server: &'static str,
+        limits: &'a Limits,
+    },
+    Ack {
+        id: &'a FrameId,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
+    },
+    Pong {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a FrameId>,
+    },
+    Error {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a FrameId>,
+        code: &'static str,
+        message: &'a str,
+    },
+}
+
+pub(crate) const SERVER: &str = concat!("crier/", env!("CARGO_PKG_VERSION"));
+
+/// Room kept in front of a payload for the longest WebSocket header a server frame needs.
+const HEADROOM: usize = 10;
+
+/// Encodes a server frame as a complete WebSocket frame.
+pub(crate) fn encode(encoding: Encoding, frame: &ServerFrame<'_>) -> Bytes {
+    let mut buf = vec![0; HEADROOM];
+    let written = match encoding {
+        Encoding::Json => serde_json::to_writer(&mut buf, frame).map_err(|e| e.to_string()),
+        Encoding::Msgpack => frame
+            .serialize(&mut rmp_serde::Serializer::new(&mut buf).with_struct_map())
+            .map_err(|e| e.to_string()),
+    };
+    if let Err(e) = written {
+        // Only our own types pass through here; none of them can fail to serialize.
+        tracing::error!(error = %e, "could not encode a server frame");
+    }
+    finish_frame(encoding.opcode(), buf)
+}
+
+/// Encodes a `message` frame: `{"op":"message","topic":...,"seq":...,"data":...}`.
+pub(crate) fn encode_message(encoding: Encoding, topic: &str, seq: u64, data: &Data) -> Bytes {
+    let mut buf = Vec::with_capacity(HEADROOM + 48 + topic.len() + data.len());
+    buf.resize(HEADROOM, 0);
+    match encoding {
+        Encoding::Json => {
+            // Topics are limited to characters that need no escaping in a JSON string.
+            buf.extend_from_slice(br#"{"op":"message","topic":""#);
+            buf.extend_from_slice(topic.as_bytes());
+            let _ = write!(buf, r#"","seq":{seq},"data":"#);
+            data.write_json(&mut buf);
+            buf.push(b'}');
+        }
+        Encoding::Msgpack => {
+            // Writing into a Vec cannot fail.
+            let _ = rmp::encode::write_map_len(&mut buf, 4);
+            let _ = rmp::encode::write_str(&mut buf, "op");
+            let _ = rmp::encode::write_str(&mut buf, "message");
+            let _ = rmp::encode::write_str(&mut buf, "topic");
+            let _ = rmp::encode::write_str(&mut buf, topic);
+            let _ = rmp::encode::write_str(&mut buf, "seq");
+            let _ = rmp::encode::write_uint(&mut buf, seq);
+            let _ = rmp::encode::write_str(&mut buf, "data");
+            data.write_msgpack(&mut buf);
+        }
+    }
+    finish_frame(encoding.opcode(), buf)
+}
+
+/// A WebSocket close frame with a code and a reason.
+pub(crate) fn close_frame(code: u16, reason: &str) -> Bytes {
+    let mut buf = vec![0; HEADROOM];
+    buf.extend_from_slice(&code.to_be_bytes());
+    // Control frame payloads are limited to 125 bytes.
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    buf.extend_from_slice(&reason.as_bytes()[..end]);
+    finish_frame(OpCode::Close, buf)
+}
+
+pub(crate) fn ping_frame() -> Bytes {
+    finish_frame(OpCode::Ping, vec![0; HEADROOM])
+}
+
+pub(crate) fn pong_frame(payload: &[u8]) -> Bytes {
+    let mut buf = vec![0; HEADROOM];
+    buf.extend_from_slice(&payload[..payload.len().min(125)]);
+    finish_frame(OpCode::Pong, buf)
+}
+
+/// Writes the WebSocket header (final, unmasked) into the headroom in front of the payload.
+fn finish_frame(opcode: OpCode, mut buf: Vec<u8>) -> Bytes {
+    let len = buf.len() - HEADROOM;
+    let mut header = [0u8; HEADROOM];
+    header[0] = 0x80 | u8::from(opcode);
+    let header_len = if len < 126 {
+        header[1] = len as u8;
+        2
+    } else if len <= usize::from(u16::MAX) {
+        header[1] = 126;
+        header[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        4
+    } else {
+        header[1] = 127;
+        header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    };
+    let start = HEADROOM - header_len;
+    buf[start..HEADROOM].copy_from_slice(&header[..header_len]);
+    Bytes::from(buf).slice(start..)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_http::ws::Parser;
+    use bytes::BytesMut;
+
+    fn actix_frame(op: OpCode, payload: &[u8]) -> Bytes {
+        let mut buf = BytesMut::new();
+        Parser::write_message(&mut buf, payload, op, true, false);
+        buf.freeze()
+    }
+
+    #[test]
+    fn headers_match_actix_for_every_length_class() {
+        for len in [0, 1, 125, 126, 127, 65535, 65536, 70000] {
+            let payload = vec![b'x'; len];
+            let mut buf = vec![0; HEADROOM];
+            buf.extend_from_slice(&payload);
+            assert_eq!(
+                finish_frame(OpCode::Text, buf),
+                actix_frame(OpCode::Text, &payload),
+                "{len}"
+            );
+        }
+    }
+
+    fn payload_of(frame: &Bytes) -> &[u8] {
+        let header = match frame[1] & 0x7f {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
+        &frame[header..]
+    }
+
+    #[test]
+    fn message_frames_in_both_encodings() {
+        let data = Data::from_json(Bytes::from_static(br#"{"v":1}"#)).unwrap();
+        let json = encode_message(Encoding::Json, "a.b", 42, &data);
+        assert_eq!(json[0], 0x81);
+        let value: serde_json::Value = serde_json::from_slice(payload_of(&json)).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({"op":"message","topic":"a.b","seq":42,"data":{"v":1}})
+        );
+
+        let mp = encode_message(Encoding::Msgpack, "a.b", 42, &data);
+        assert_eq!(mp[0], 0x82);
+        let value: serde_json::Value = rmp_serde::from_slice(payload_of(&mp)).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({"op":"message","topic":"a.b","seq":42,"data":{"v":1}})
+        );
+    }
+
+    #[test]
+    fn server_frames_are_maps_in_msgpack() {
+        let id = FrameId::Num(3);
+        let frame = encode(
+            Encoding::Msgpack,
+            &ServerFrame::Ack {
+                id: &id,
+                seq: Some(9),
+            },
+        );
+        let value: serde_json::Value = rmp_serde::from_slice(payload_of(&frame)).unwrap();
+        assert_eq!(value, serde_json::json!({"op":"ack","id":3,"seq":9}));
+        let frame = encode(Encoding::Json, &ServerFrame::Pong { id: None });
+        assert_eq!(payload_of(&frame), br#"{"op":"pong"}"#);
+    }
+
+    #[test]
+    fn parse_requests() {
+        let r = parse_json(r#"{"op":"publish","topic":"a.b","data":null,"id":"x"}"#).unwrap();
+        assert_eq!(r.id, Some(FrameId::Str("x".into())));
+        assert!(
+            matches!(r.op, Op::Publish { ref topic, ref data } if topic == "a.b" && *data == Data::Json(Bytes::from_static(b"null")))
+        );
+
+        let r = parse_json(r#"{"op":"subscribe","topic":"a.*"}"#).unwrap();
+        assert!(matches!(
+            r.op,
+            Op::Subscribe {
+                subject: Subject::Pattern(_)
+            }
+        ));
+
+        let frame = rmp_serde::to_vec_named(&serde_json::json!({"op":"ping","id":7})).unwrap();
+        let r = parse_msgpack(&frame).unwrap();
+        assert_eq!(r.id, Some(FrameId::Num(7)));
+        assert!(matches!(r.op, Op::Ping));
+    }
+
+    #[test]
+    fn parse_errors_carry_code_and_id() {
+        let cases = [
+            (r#"[1,2]"#, ErrorCode::BadFrame, None),
+            (r#"{"op":"publish","topic":"a""#, ErrorCode::BadFrame, None),
+            (
+                r#"{"op":"publish","topic":5,"id":4}"#,
+                ErrorCode::BadFrame,
+                Some(FrameId::Num(4)),
+            ),
+            (
+                r#"{"op":"publish","topic":"a","id":4}"#,
+                ErrorCode::BadFrame,
+                Some(FrameId::Num(4)),
+            ),
+            (r#"{"op":"ping","id":-1}"#, ErrorCode::BadFrame, None),
+            (r#"{"op":"ping","id":1.5}"#, ErrorCode::BadFrame, None),
+            (
+                r#"{"topic":"a","id":2}"#,
+                ErrorCode::BadFrame,
+                Some(FrameId::Num(2)),
+            ),
+            (
+                r#"{"op":"shout","id":"s"}"#,
+                ErrorCode::UnknownOp,
+                Some(FrameId::Str("s".into())),
+            ),
+            (
+                r#"{"op":"subscribe","topic":"a..b","id":1}"#,
+                ErrorCode::InvalidTopic,
+                Some(FrameId::Num(1)),
+            ),
+            (
+                r#"{"op":"publish","topic":"a.*","data":1}"#,
+                ErrorCode::InvalidTopic,
+                None,
+            ),
+        ];
+        for (text, code, id) in cases {
+            let err = parse_json(text).unwrap_err();
+            assert_eq!((err.code, err.id), (code, id), "{text}");
+        }
+        let err = parse_msgpack(&[0x93, 1, 2, 3]).unwrap_err();
+        assert_eq!(err.code, ErrorCode::BadFrame);
+    }
+
+    #[test]
+    fn close_reason_is_truncated_to_fit_a_control_frame() {
+        let frame = close_frame(4008, &"é".repeat(100));
+        assert!(frame.len() <= 127);
+        assert!(std::str::from_utf8(&frame[4..]).is_ok());
+    }
+}

@@ -1,0 +1,138 @@
+//! Topic names and subscription patterns: what is valid, and what matches what.
+//!
+//! A topic is 1 to 255 bytes of `[A-Za-z0-9_\-:@]` segments separated by `.`. A subscription may
+//! also be a pattern, where `*` stands for exactly one segment and `>` (last only) for one or more
+//! trailing segments, as in NATS.
+
+use std::fmt;
+use std::sync::Arc;
+
+pub(crate) const MAX_TOPIC_BYTES: usize = 255;
+
+/// Why a topic or pattern was refused; the text is shown to the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct InvalidTopic(pub String);
+
+impl fmt::Display for InvalidTopic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A validated subscription target.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Subject {
+    Topic(Arc<str>),
+    Pattern(Arc<str>),
+}
+
+impl Subject {
+    pub(crate) fn parse(s: &str) -> Result<Subject, InvalidTopic> {
+        Ok(match check(s, true)? {
+            false => Subject::Topic(s.into()),
+            true => Subject::Pattern(s.into()),
+        })
+    }
+}
+
+/// Checks a topic that messages are published to: wildcards are not allowed.
+pub(crate) fn validate_topic(s: &str) -> Result<(), InvalidTopic> {
+    check(s, false).map(|_| ())
+}
+
+/// Returns whether `s` is a pattern.
+fn check(s: &str, allow_wildcards: bool) -> Result<bool, InvalidTopic> {
+    if s.is_empty() {
+        return Err(InvalidTopic("topic is empty".into()));
+    }
+    if s.len() > MAX_TOPIC_BYTES {
+        return Err(InvalidTopic(format!(
+            "topic is {} bytes long; the limit is {MAX_TOPIC_BYTES}",
+            s.len()
+        )));
+    }
+    let mut is_pattern = false;
+    let mut segments = s.split('.').peekable();
+    while let Some(segment) = segments.next() {
+        match segment {
+            "" => return Err(InvalidTopic(format!("topic {s:?} has an empty segment"))),
+            "*" | ">" if !allow_wildcards => {
+                return Err(InvalidTopic(format!(
+                    "topic {s:?} contains the wildcard {segment:?}; wildcards are only allowed in subscriptions"
+                )));
+            }
+            "*" => is_pattern = true,
+            ">" if segments.peek().is_some() => {
+                return Err(InvalidTopic(format!(
+                    "pattern {s:?}: '>' may only be the last segment"
+                )));
+            }
+            ">" => is_pattern = true,
+            _ => {
+                if let Some(bad) = segment.chars().find(|&c| !is_topic_char(c)) {
+                    return Err(InvalidTopic(format!(
+                        "topic {s:?} contains {bad:?}; segments may only use A-Z a-z 0-9 _ - : @"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(is_pattern)
+}
+
+fn is_topic_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '@')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_topics() {
+        for t in [
+            "a",
+            "metrics.cpu",
+            "user:42.inbox",
+            "a-b_c.d@e",
+            "A.B.C",
+            &"x".repeat(255),
+        ] {
+            assert_eq!(validate_topic(t), Ok(()), "{t}");
+            assert_eq!(Subject::parse(t), Ok(Subject::Topic(t.into())));
+        }
+    }
+
+    #[test]
+    fn invalid_topics() {
+        for t in [
+            "",
+            ".",
+            "a.",
+            ".a",
+            "a..b",
+            "a b",
+            "a/b",
+            "ä",
+            "a.*",
+            "a.>",
+            "*",
+            ">",
+            &"x".repeat(256),
+        ] {
+            assert!(validate_topic(t).is_err(), "{t:?} should be invalid");
+        }
+        let long = "a.".repeat(128); // 256 bytes, ends with '.'
+        assert!(validate_topic(&long).is_err());
+    }
+
+    #[test]
+    fn patterns() {
+        for p in ["*", ">", "a.*", "a.>", "*.b", "a.*.c", "*.*", "a.*.>"] {
+            assert_eq!(Subject::parse(p), Ok(Subject::Pattern(p.into())), "{p}");
+        }
+        for p in ["a.>.b", ">.a", "a*", "a.b*", "a.>>", "a.**"] {
+            assert!(Subject::parse(p).is_err(), "{p:?} should be invalid");
+        }
+    }
+}
