@@ -1,0 +1,312 @@
+//! The HTTP API: publish, look at topics and connections, health. Every answer is JSON, every
+//! error is `{"error":{"code":...,"message":...}}` with a 4xx status.
+
+use std::fmt;
+
+use actix_web::http::{StatusCode, header};
+use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::broker::Broker;
+use crate::data::Data;
+use crate::frame::ErrorCode;
+use crate::topic;
+
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    fn from_code(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError::new(status, code.as_str(), message)
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        HttpResponse::build(self.status)
+            .json(json!({"error": {"code": self.code, "message": self.message}}))
+    }
+}
+
+pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(
+        web::PathConfig::default()
+            .error_handler(|e, _| ApiError::bad_request(e.to_string()).into()),
+    )
+    .app_data(
+        web::QueryConfig::default()
+            .error_handler(|e, _| ApiError::bad_request(e.to_string()).into()),
+    )
+    .service(resource("/api/topics/{topic}").route(web::post().to(publish_one)))
+    .service(resource("/api/publish").route(web::post().to(publish_batch)))
+    .service(resource("/api/topics").route(web::get().to(list_topics)))
+    .service(resource("/api/connections").route(web::get().to(list_connections)))
+    .service(resource("/healthz").route(web::get().to(healthz)))
+    .service(resource("/readyz").route(web::get().to(readyz)));
+}
+
+/// A resource that answers other methods with a JSON 405.
+pub(crate) fn resource(path: &str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(|| async {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed here",
+        )
+        .error_response()
+    }))
+}
+
+pub(crate) async fn not_found(req: HttpRequest) -> HttpResponse {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route for {}", req.path()),
+    )
+    .error_response()
+}
+
+#[derive(Debug, Clone, Copy)]
+enum BodyEncoding {
+    Json,
+    Msgpack,
+}
+
+fn body_encoding(req: &HttpRequest) -> Result<BodyEncoding, ApiError> {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let mime = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    match mime.as_str() {
+        "application/json" => Ok(BodyEncoding::Json),
+        "application/msgpack" | "application/x-msgpack" | "application/vnd.msgpack" => {
+            Ok(BodyEncoding::Msgpack)
+        }
+        _ => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "Content-Type {content_type:?} is not supported; use application/json or application/msgpack"
+            ),
+        )),
+    }
+}
+
+async fn read_body(payload: web::Payload, limit: usize) -> Result<web::Bytes, ApiError> {
+    match payload.to_bytes_limited(limit).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => Err(ApiError::bad_request(format!(
+            "could not read the body: {e}"
+        ))),
+        Err(_) => Err(ApiError::from_code(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::PayloadTooLarge,
+            format!("the body is larger than {limit} bytes"),
+        )),
+    }
+}
+
+fn check_topic(topic: &str) -> Result<(), ApiError> {
+    topic::validate_topic(topic)
+        .map_err(|e| ApiError::from_code(StatusCode::BAD_REQUEST, ErrorCode::InvalidTopic, e.0))
+}
+
+fn check_size(data: &Data, limit: usize) -> Result<(), ApiError> {
+    if data.len() > limit {
+        return Err(ApiError::from_code(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::PayloadTooLarge,
+            format!("data is {} bytes; the limit is {limit}", data.len()),
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct PublishResult {
+    topic: String,
+    seq: u64,
+    receivers: usize,
+}
+
+fn publish(broker: &Broker, topic: String, data: Data) -> PublishResult {
+    let published = broker.engine.publish(&topic, data);
+    PublishResult {
+        topic,
+        seq: published.seq,
+        receivers: published.receivers,
+    }
+}
+
+/// `POST /api/topics/{topic}`: the body is the message data.
+async fn publish_one(
+    req: HttpRequest,
+    topic: web::Path<String>,
+    payload: web::Payload,
+    broker: web::Data<Broker>,
+) -> Result<HttpResponse, ApiError> {
+    let topic = topic.into_inner();
+    check_topic(&topic)?;
+    let encoding = body_encoding(&req)?;
+    let limit = broker.config.max_message_bytes;
+    let body = read_body(payload, limit).await?;
+    let data = match encoding {
+        BodyEncoding::Json => Data::from_json(body),
+        BodyEncoding::Msgpack => Data::from_msgpack(body),
+    }
+    .map_err(|e| ApiError::bad_request(e.0))?;
+    check_size(&data, limit)?;
+    Ok(HttpResponse::Ok().json(publish(&broker, topic, data)))
+}
+
+#[derive(Deserialize)]
+struct BatchItem<D> {
+    topic: String,
+    data: D,
+}
+
+/// `POST /api/publish`: `[{"topic":...,"data":...}, ...]`, all validated before any is published.
+async fn publish_batch(
+    req: HttpRequest,
+    payload: web::Payload,
+    broker: web::Data<Broker>,
+) -> Result<HttpResponse, ApiError> {
+    let encoding = body_encoding(&req)?;
+    let body = read_body(payload, broker.config.max_batch_bytes).await?;
+    let items: Vec<(String, Data)> = match encoding {
+        BodyEncoding::Json => {
+            serde_json::from_slice::<Vec<BatchItem<&serde_json::value::RawValue>>>(&body)
+                .map_err(|e| {
+                    ApiError::bad_request(format!(
+                        "the body must be an array of {{topic, data}}: {e}"
+                    ))
+                })?
+                .into_iter()
+                .map(|item| {
+                    (
+                        item.topic,
+                        Data::Json(web::Bytes::copy_from_slice(item.data.get().as_bytes())),
+                    )
+                })
+                .collect()
+        }
+        BodyEncoding::Msgpack => rmp_serde::from_slice::<Vec<BatchItem<rmpv::Value>>>(&body)
+            .map_err(|e| {
+                ApiError::bad_request(format!("the body must be an array of {{topic, data}}: {e}"))
+            })?
+            .into_iter()
+            .map(|item| (item.topic, Data::from_msgpack_value(&item.data)))
+            .collect(),
+    };
+    for (i, (topic, data)) in items.iter().enumerate() {
+        let in_item = |e: ApiError| ApiError {
+            message: format!("item {i}: {}", e.message),
+            ..e
+        };
+        check_topic(topic).map_err(in_item)?;
+        check_size(data, broker.config.max_message_bytes).map_err(in_item)?;
+    }
+    let results: Vec<PublishResult> = items
+        .into_iter()
+        .map(|(topic, data)| publish(&broker, topic, data))
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({ "results": results })))
+}
+
+#[derive(Deserialize)]
+struct Limit {
+    limit: Option<usize>,
+}
+
+/// `GET /api/topics`
+async fn list_topics(query: web::Query<Limit>, broker: web::Data<Broker>) -> HttpResponse {
+    let mut topics = broker.engine.topics();
+    topics.truncate(query.limit.unwrap_or(usize::MAX));
+    HttpResponse::Ok().json(json!({ "topics": topics }))
+}
+
+#[derive(Serialize)]
+struct ConnectionInfo {
+    id: String,
+    peer: Option<String>,
+    encoding: &'static str,
+    subscriptions: usize,
+    buffered_bytes: usize,
+    buffered_high_water: usize,
+    dropped: u64,
+    connected_since: String,
+}
+
+/// `GET /api/connections`: the most backed-up first.
+async fn list_connections(query: web::Query<Limit>, broker: web::Data<Broker>) -> HttpResponse {
+    let mut connections: Vec<ConnectionInfo> = broker
+        .live_connections()
+        .iter()
+        .map(|c| {
+            let stats = c.queue.stats();
+            ConnectionInfo {
+                id: c.id.to_string(),
+                peer: c.peer.map(|p| p.to_string()),
+                encoding: c.encoding.name(),
+                subscriptions: c.subscription_count(),
+                buffered_bytes: stats.buffered_bytes(),
+                buffered_high_water: stats.high_water(),
+                dropped: stats.dropped(),
+                connected_since: humantime::format_rfc3339_millis(c.connected_at).to_string(),
+            }
+        })
+        .collect();
+    connections.sort_unstable_by(|a, b| {
+        b.buffered_bytes
+            .cmp(&a.buffered_bytes)
+            .then_with(|| a.id.cmp(&b.id))
+    });
+    connections.truncate(query.limit.unwrap_or(usize::MAX));
+    HttpResponse::Ok().json(json!({ "connections": connections }))
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+async fn readyz(broker: web::Data<Broker>) -> HttpResponse {
+    if broker.is_shutting_down() {
+        HttpResponse::ServiceUnavailable().json(json!({"status": "shutting_down"}))
+    } else {
+        HttpResponse::Ok().json(json!({"status": "ready"}))
+    }
+}

@@ -1,0 +1,402 @@
+//! One WebSocket connection: its shared handle (identity, outbound queue, socket) and the actor
+//! that owns its lifecycle, reads its frames and keeps its heartbeat.
+//!
+//! The actor lives as long as the connection does. Outgoing data never travels through the
+//! actor's mailbox: publishers push encoded frames straight into the connection's bounded
+//! [`OutboundQueue`], from whatever thread they run on.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use actix::{Actor, ActorContext, AsyncContext, Context, SpawnHandle, StreamHandler};
+use actix_http::error::PayloadError;
+use actix_ws::{AggregatedMessage, ProtocolError};
+use parking_lot::Mutex;
+
+use crate::broker::Broker;
+use crate::frame::{
+    self, CloseCode, Encoding, ErrorCode, FrameError, FrameId, Op, Request, ServerFrame,
+};
+use crate::queue::OutboundQueue;
+use crate::topic::Subject;
+
+/// A connection's identity, unique within this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct ConnectionId(pub u64);
+
+impl fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// What every part of the broker shares about one connection.
+pub(crate) struct Connection {
+    pub id: ConnectionId,
+    pub peer: Option<SocketAddr>,
+    pub encoding: Encoding,
+    pub connected_at: SystemTime,
+    pub queue: OutboundQueue,
+    subscriptions: AtomicUsize,
+    /// The socket's descriptor while the response body (and so the socket) is alive.
+    socket: Mutex<Option<RawFd>>,
+}
+
+impl Connection {
+    pub(crate) fn new(
+        peer: Option<SocketAddr>,
+        encoding: Encoding,
+        queue: OutboundQueue,
+        socket: Option<RawFd>,
+    ) -> Self {
+        Connection {
+            id: ConnectionId(fastrand::u64(..)),
+            peer,
+            encoding,
+            connected_at: SystemTime::now(),
+            queue,
+            subscriptions: AtomicUsize::new(0),
+            socket: Mutex::new(socket),
+        }
+    }
+
+    pub(crate) fn subscription_count(&self) -> usize {
+        self.subscriptions.load(Ordering::Relaxed)
+    }
+
+    /// Called when the response body is dropped, before the socket is closed.
+    pub(crate) fn release_socket(&self) {
+        *self.socket.lock() = None;
+    }
+
+    /// Tears the connection down at once, for a socket that takes no bytes: queued data could
+    /// never reach the client, so the socket is reset rather than drained.
+    pub(crate) fn force_close(&self) {
+        let socket = self.socket.lock();
+        if let Some(fd) = *socket {
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: `fd` is open: the body that owns the socket clears `socket` (under this
+            // lock) before the socket is closed. Both calls only change socket state.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                );
+                libc::shutdown(fd, libc::SHUT_RDWR);
+            }
+        }
+        drop(socket);
+        self.queue.finish();
+    }
+}
+
+/// The actor behind one connection.
+pub(crate) struct ConnectionActor {
+    broker: Arc<Broker>,
+    conn: Arc<Connection>,
+    subscriptions: HashSet<Subject>,
+    /// Subscriptions asked for in the upgrade request (`?subscribe=`), made once started.
+    initial: Vec<Subject>,
+    last_seen: Instant,
+    last_ping: Instant,
+    /// Set once the connection is being closed because of what the client sent.
+    failed: bool,
+    reader: Option<SpawnHandle>,
+}
+
+impl ConnectionActor {
+    pub(crate) fn new(broker: Arc<Broker>, conn: Arc<Connection>, initial: Vec<Subject>) -> Self {
+        let now = Instant::now();
+        ConnectionActor {
+            broker,
+            conn,
+            subscriptions: HashSet::new(),
+            initial,
+            last_seen: now,
+            last_ping: now,
+            failed: false,
+            reader: None,
+        }
+    }
+
+    /// Starts the actor on the current worker, reading `frames`.
+    pub(crate) fn start_with<S>(mut self, frames: S)
+    where
+        S: futures_core::Stream<Item = Result<AggregatedMessage, ProtocolError>> + 'static,
+    {
+        Self::create(move |ctx| {
+            self.reader = Some(ctx.add_stream(frames));
+            self
+        });
+    }
+
+    fn reply(&self, frame: &ServerFrame<'_>) {
+        self.conn
+            .queue
+            .push_control(frame::encode(self.conn.encoding, frame));
+    }
+
+    fn reply_error(&self, err: &FrameError) {
+        self.reply(&ServerFrame::Error {
+            id: err.id.as_ref(),
+            code: err.code.as_str(),
+            message: &err.message,
+        });
+    }
+
+    fn ack(&self, id: Option<&FrameId>, seq: Option<u64>) {
+        if let Some(id) = id {
+            self.reply(&ServerFrame::Ack { id, seq });
+        }
+    }
+
+    fn handle_request(&mut self, request: Result<Request, FrameError>) {
+        let request = match request {
+            Ok(request) => request,
+            Err(err) => return self.reply_error(&err),
+        };
+        let id = request.id;
+        match request.op {
+            Op::Subscribe { subject } => match self.subscribe(subject) {
+                Ok(()) => self.ack(id.as_ref(), None),
+                Err((code, message)) => self.reply_error(&FrameError::new(id, code, message)),
+            },
+            Op::Unsubscribe { subject } => {
+                if self.subscriptions.remove(&subject) {
+                    self.broker.engine.unsubscribe(&self.conn, &subject);
+                    self.conn
+                        .subscriptions
+                        .store(self.subscriptions.len(), Ordering::Relaxed);
+                }
+                self.ack(id.as_ref(), None);
+            }
+            Op::Publish { topic, data } => {
+                let limit = self.broker.config.max_message_bytes;
+                if data.len() > limit {
+                    let message = format!("data is {} bytes; the limit is {limit}", data.len());
+                    return self.reply_error(&FrameError::new(
+                        id,
+                        ErrorCode::PayloadTooLarge,
+                        message,
+                    ));
+                }
+                let published = self.broker.engine.publish(&topic, data);
+                self.ack(id.as_ref(), Some(published.seq));
+            }
+            Op::Ping => self.reply(&ServerFrame::Pong { id: id.as_ref() }),
+        }
+    }
+
+    fn subscribe(&mut self, subject: Subject) -> Result<(), (ErrorCode, String)> {
+        if self.subscriptions.contains(&subject) {
+            return Ok(());
+        }
+        let limit = self.broker.config.max_subscriptions;
+        if self.subscriptions.len() >= limit {
+            return Err((
+                ErrorCode::TooManySubscriptions,
+                format!("this connection already has {limit} subscriptions, the limit"),
+            ));
+        }
+        self.broker.engine.subscribe(&self.conn, &subject);
+        self.subscriptions.insert(subject);
+        self.conn
+            .subscriptions
+            .store(self.subscriptions.len(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Closes because of what the client sent: stop reading and send the close frame after what
+    /// is queued, without waiting for the client's answer.
+    fn fail(&mut self, code: CloseCode, ctx: &mut Context<Self>, detail: &str) {
+        tracing::debug!(connection = %self.conn.id, code = code.code, detail, "closing connection");
+        self.failed = true;
+        if let Some(reader) = self.reader.take() {
+            ctx.cancel_future(reader);
+        }
+        self.conn.queue.close(code, false);
+        self.conn.queue.peer_closed(code);
+    }
+
+    fn heartbeat(&mut self, ctx: &mut Context<Self>) {
+        let config = &self.broker.config;
+        let now = Instant::now();
+        let health = self.conn.queue.health(now);
+        if health.finished {
+            ctx.stop();
+            return;
+        }
+        if let Some(closing_for) = health.closing_for {
+            // The close frame or the client's answer has not come through in time.
+            if closing_for >= config.write_timeout {
+                self.conn.force_close();
+            }
+            return;
+        }
+        if health
+            .stalled_for
+            .is_some_and(|stalled| stalled >= config.write_timeout)
+        {
+            tracing::info!(connection = %self.conn.id, "socket took nothing within the write timeout; closing");
+            self.conn.queue.close(CloseCode::SLOW_CONSUMER, true);
+            self.conn.force_close();
+            return;
+        }
+        if now.duration_since(self.last_seen) >= config.idle_timeout {
+            self.conn.queue.close(CloseCode::IDLE_TIMEOUT, false);
+            return;
+        }
+        if now.duration_since(self.last_ping) >= config.ping_interval {
+            self.last_ping = now;
+            self.conn.queue.push_control(frame::ping_frame());
+        }
+    }
+}
+
+/// How often a connection checks its timers: often enough to honour the shortest of them
+/// within a quarter of its length.
+fn heartbeat_period(ping: Duration, idle: Duration, write: Duration) -> Duration {
+    (ping.min(idle).min(write) / 4).clamp(Duration::from_millis(10), Duration::from_secs(5))
+}
+
+impl Actor for ConnectionActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let config = &self.broker.config;
+        let period = heartbeat_period(
+            config.ping_interval,
+            config.idle_timeout,
+            config.write_timeout,
+        );
+        ctx.run_interval(period, |actor, ctx| actor.heartbeat(ctx));
+        for subject in std::mem::take(&mut self.initial) {
+            // Checked against the limits before the upgrade was accepted.
+            let _ = self.subscribe(subject);
+        }
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        for subject in self.subscriptions.drain() {
+            self.broker.engine.unsubscribe(&self.conn, &subject);
+        }
+        self.conn.subscriptions.store(0, Ordering::Relaxed);
+        self.conn.queue.finish();
+        self.broker.connections.remove(&self.conn.id);
+        let code = self.conn.queue.closing_code().map(|c| c.code);
+        tracing::debug!(connection = %self.conn.id, ?code, "connection closed");
+    }
+}
+
+impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for ConnectionActor {
+    fn handle(&mut self, item: Result<AggregatedMessage, ProtocolError>, ctx: &mut Self::Context) {
+        if self.failed {
+            return;
+        }
+        self.last_seen = Instant::now();
+        match item {
+            Ok(AggregatedMessage::Text(text)) => self.handle_request(frame::parse_json(&text)),
+            Ok(AggregatedMessage::Binary(bytes)) => {
+                self.handle_request(frame::parse_msgpack(&bytes))
+            }
+            Ok(AggregatedMessage::Ping(payload)) => {
+                self.conn.queue.push_control(frame::pong_frame(&payload));
+            }
+            Ok(AggregatedMessage::Pong(_)) => {}
+            Ok(AggregatedMessage::Close(_)) => self.conn.queue.peer_closed(CloseCode::NORMAL),
+            Err(err) => {
+                let code = classify(&err);
+                if code == CloseCode::NORMAL {
+                    // The socket failed (reset, or the connection is gone): nothing to answer.
+                    self.conn.queue.finish();
+                    ctx.stop();
+                } else {
+                    self.fail(code, ctx, &err.to_string());
+                }
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        // Nothing more will be read. While a close is under way the heartbeat sees it through
+        // (the close frame still has to go out); otherwise the client is simply gone.
+        let health = self.conn.queue.health(Instant::now());
+        if health.closing_for.is_none() || health.finished {
+            self.conn.queue.finish();
+            ctx.stop();
+        }
+    }
+}
+
+/// The close code a read error calls for; `NORMAL` means the socket itself failed.
+fn classify(err: &ProtocolError) -> CloseCode {
+    match err {
+        ProtocolError::Overflow => CloseCode::MESSAGE_TOO_BIG,
+        ProtocolError::Io(io) => {
+            let payload = io.get_ref().and_then(|e| e.downcast_ref::<PayloadError>());
+            match payload {
+                Some(PayloadError::Overflow) => CloseCode::MESSAGE_TOO_BIG,
+                Some(_) => CloseCode::NORMAL,
+                None if io.kind() == std::io::ErrorKind::InvalidData => CloseCode::INVALID_PAYLOAD,
+                // actix-ws's continuation limit; the frame guard normally trips first.
+                None => CloseCode::MESSAGE_TOO_BIG,
+            }
+        }
+        _ => CloseCode::PROTOCOL_ERROR,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_period_follows_the_shortest_timer() {
+        let s = Duration::from_secs;
+        assert_eq!(
+            heartbeat_period(s(25), s(60), s(10)),
+            Duration::from_millis(2500)
+        );
+        assert_eq!(heartbeat_period(s(600), s(900), s(600)), s(5));
+        assert_eq!(
+            heartbeat_period(Duration::from_millis(1), s(1), s(1)),
+            Duration::from_millis(10)
+        );
+    }
+
+    #[test]
+    fn read_errors_map_to_close_codes() {
+        use std::io;
+        assert_eq!(
+            classify(&ProtocolError::Overflow),
+            CloseCode::MESSAGE_TOO_BIG
+        );
+        assert_eq!(
+            classify(&ProtocolError::UnmaskedFrame),
+            CloseCode::PROTOCOL_ERROR
+        );
+        let utf8 = io::Error::new(io::ErrorKind::InvalidData, "invalid utf-8");
+        assert_eq!(
+            classify(&ProtocolError::Io(utf8)),
+            CloseCode::INVALID_PAYLOAD
+        );
+        let too_big = io::Error::other(PayloadError::Overflow);
+        assert_eq!(
+            classify(&ProtocolError::Io(too_big)),
+            CloseCode::MESSAGE_TOO_BIG
+        );
+        let gone = io::Error::other(PayloadError::Incomplete(None));
+        assert_eq!(classify(&ProtocolError::Io(gone)), CloseCode::NORMAL);
+    }
+}

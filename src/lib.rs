@@ -1,0 +1,34 @@
+//! Crier: a publish/subscribe message broker over WebSocket.
+//!
+//! Browsers and backends connect to `GET /ws`, subscribe to topics and receive every message
+//! published to them, in JSON or MessagePack; backends can also publish over HTTP. The wire
+//! protocol is specified in `proto/README.md`.
+//!
+//! The crate's public surface is small: a [`Config`] and a [`Server`] to run with it.
+//!
+//! ```no_run
+//! # fn main() -> std::io::Result<()> {
+//! actix_web::rt::System::new().block_on(async {
+//!     let server = crier::Server::bind(crier::Config::default())?;
+//!     println!("listening on {}", server.local_addr());
+//!     server.run().await
+//! })
+//! # }
+//! ```
+
+mod api;
+mod broker;
+mod config;
+mod connection;
+mod data;
+mod engine;
+mod frame;
+mod patterns;
+mod queue;
+mod registry;
+mod server;
+mod topic;
+mod ws;
+
+pub use config::{Config, SlowConsumerPolicy};
+pub use server::{Server, ShutdownHandle};

@@ -1,0 +1,350 @@
+//! `GET /ws`: the WebSocket handshake, in one place: encoding negotiation, `?subscribe=`, and
+//! the guard that bounds how much a client can make the broker buffer.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use actix_http::error::PayloadError;
+use actix_http::ws::HandshakeError;
+use actix_web::http::{StatusCode, header};
+use actix_web::{FromRequest, HttpRequest, HttpResponse, dev, web};
+use bytes::Bytes;
+use futures_core::Stream;
+use serde::Deserialize;
+
+use crate::api::ApiError;
+use crate::broker::Broker;
+use crate::connection::{Connection, ConnectionActor};
+use crate::frame::{self, Encoding, ServerFrame};
+use crate::queue::{OutboundBody, OutboundQueue};
+use crate::topic::Subject;
+
+/// The accepted socket's descriptor, recorded when the connection is accepted.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawSocket(RawFd);
+
+/// `HttpServer::on_connect` hook: remembers each TCP socket's descriptor so that a connection
+/// whose socket takes nothing can be torn down (see [`Connection::force_close`]).
+pub(crate) fn record_socket(io: &dyn std::any::Any, extensions: &mut dev::Extensions) {
+    if let Some(tcp) = io.downcast_ref::<actix_web::rt::net::TcpStream>() {
+        extensions.insert(RawSocket(tcp.as_raw_fd()));
+    }
+}
+
+#[derive(Deserialize)]
+struct WsQuery {
+    encoding: Option<String>,
+    subscribe: Option<String>,
+}
+
+pub(crate) async fn upgrade(
+    req: HttpRequest,
+    body: web::Payload,
+    broker: web::Data<Broker>,
+) -> Result<HttpResponse<OutboundBody>, ApiError> {
+    if broker.is_shutting_down() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is shutting down",
+        ));
+    }
+    actix_http::ws::verify_handshake(req.head()).map_err(handshake_error)?;
+    let query = web::Query::<WsQuery>::from_query(req.query_string())
+        .map_err(|e| ApiError::bad_request(format!("bad query string: {e}")))?;
+    let encoding = negotiate(&req, query.encoding.as_deref())?;
+    let subjects =
+        initial_subscriptions(query.subscribe.as_deref(), broker.config.max_subscriptions)?;
+
+    let limit = broker.config.max_frame_bytes();
+    let guarded: actix_http::BoxedPayloadStream =
+        Box::pin(FrameSizeGuard::new(body.into_inner(), limit));
+    let mut guarded = dev::Payload::Stream { payload: guarded };
+    let body = web::Payload::from_request(&req, &mut guarded)
+        .await
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let protocols = Encoding::ALL.map(Encoding::subprotocol);
+    let (response, session, messages) = actix_ws::handle_with_protocols(&req, body, &protocols)
+        .map_err(|e| ApiError::bad_request(format!("WebSocket handshake failed: {e}")))?;
+    // Outgoing frames take Crier's own byte-accounted path, not the session.
+    drop(session);
+
+    let config = &broker.config;
+    let conn = Arc::new(Connection::new(
+        req.peer_addr(),
+        encoding,
+        OutboundQueue::new(config.max_buffered_bytes, config.slow_consumer),
+        req.conn_data::<RawSocket>().map(|s| s.0),
+    ));
+    let id = conn.id.to_string();
+    conn.queue.push_control(frame::encode(
+        encoding,
+        &ServerFrame::Welcome {
+            connection: &id,
+            encoding: encoding.name(),
+            server: frame::SERVER,
+            limits: &broker.limits,
+        },
+    ));
+    broker.connections.insert(conn.id, conn.clone());
+    tracing::debug!(connection = %id, peer = ?conn.peer, encoding = encoding.name(), "connection opened");
+
+    let messages = messages
+        .max_frame_size(limit)
+        .aggregate_continuations()
+        .max_continuation_size(limit);
+    ConnectionActor::new(broker.into_inner(), conn.clone(), subjects).start_with(messages);
+
+    let (head, ws_body) = response.into_parts();
+    Ok(head.set_body(OutboundBody::new(conn, ws_body)))
+}
+
+fn handshake_error(err: HandshakeError) -> ApiError {
+    match err {
+        HandshakeError::NoWebsocketUpgrade | HandshakeError::NoConnectionUpgrade => ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            "this endpoint speaks WebSocket only: send `Upgrade: websocket`",
+        ),
+        other => ApiError::new(StatusCode::BAD_REQUEST, "bad_handshake", other.to_string()),
+    }
+}
+
+/// Picks the encoding: the first Crier subprotocol the client offers; without the header,
+/// `?encoding=`; JSON by default.
+fn negotiate(req: &HttpRequest, query: Option<&str>) -> Result<Encoding, ApiError> {
+    let mut offered = Vec::new();
+    for value in req.headers().get_all(header::SEC_WEBSOCKET_PROTOCOL) {
+        let value = value
+            .to_str()
+            .map_err(|_| ApiError::bad_request("Sec-WebSocket-Protocol is not valid text"))?;
+        offered.extend(value.split(',').map(str::trim).filter(|p| !p.is_empty()));
+    }
+    if !offered.is_empty() {
+        return offered.iter().find_map(|p| Encoding::from_subprotocol(p)).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "none of the offered subprotocols {offered:?} is spoken here; use crier.json or crier.msgpack"
+            ))
+        });
+    }
+    match query {
+        None => Ok(Encoding::Json),
+        Some(name) => Encoding::from_name(name).ok_or_else(|| {
+            ApiError::bad_request(format!("unknown encoding {name:?}; use json or msgpack"))
+        }),
+    }
+}
+
+fn initial_subscriptions(list: Option<&str>, limit: usize) -> Result<Vec<Subject>, ApiError> {
+    let mut subjects: Vec<Subject> = Vec::new();
+    for topic in list
+        .unwrap_or_default()
+        .split(',')
+        .filter(|t| !t.is_empty())
+    {
+        let subject = Subject::parse(topic)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_topic", e.0))?;
+        if !subjects.contains(&subject) {
+            subjects.push(subject);
+        }
+    }
+    if subjects.len() > limit {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "too_many_subscriptions",
+            format!(
+                "{} subscriptions asked; the limit is {limit}",
+                subjects.len()
+            ),
+        ));
+    }
+    Ok(subjects)
+}
+
+/// Watches the client's bytes frame by frame and fails the stream as soon as a frame header
+/// announces a message above the limit. actix-http's parser only reports an oversized frame once
+/// all of it has arrived, which would let one client make the broker buffer gigabytes.
+struct FrameSizeGuard<S> {
+    inner: S,
+    limit: u64,
+    header: [u8; 14],
+    header_len: usize,
+    /// Payload bytes of the current frame still to pass.
+    remaining: u64,
+    /// Size so far of the current (possibly fragmented) data message.
+    message: u64,
+    failed: bool,
+}
+
+impl<S> FrameSizeGuard<S> {
+    fn new(inner: S, limit: usize) -> Self {
+        FrameSizeGuard {
+            inner,
+            limit: limit as u64,
+            header: [0; 14],
+            header_len: 0,
+            remaining: 0,
+            message: 0,
+            failed: false,
+        }
+    }
+
+    fn inspect(&mut self, mut chunk: &[u8]) -> Result<(), PayloadError> {
+        while !chunk.is_empty() {
+            if self.remaining > 0 {
+                let n = self.remaining.min(chunk.len() as u64);
+                self.remaining -= n;
+                chunk = &chunk[n as usize..];
+                continue;
+            }
+            self.header[self.header_len] = chunk[0];
+            self.header_len += 1;
+            chunk = &chunk[1..];
+            let header = &self.header[..self.header_len];
+            let Some(needed) = header_size(header) else {
+                continue;
+            };
+            if header.len() < needed {
+                continue;
+            }
+            let (fin, opcode, len) = parse_header(header);
+            self.header_len = 0;
+            self.remaining = len;
+            if opcode & 0x8 != 0 {
+                // Control frames carry at most 125 bytes.
+                if len > 125 {
+                    return Err(PayloadError::Overflow);
+                }
+                continue;
+            }
+            self.message = if opcode == 0 {
+                self.message.saturating_add(len)
+            } else {
+                len
+            };
+            if self.message > self.limit {
+                return Err(PayloadError::Overflow);
+            }
+            if fin {
+                self.message = 0;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The full header size once its first two bytes are known.
+fn header_size(header: &[u8]) -> Option<usize> {
+    let second = *header.get(1)?;
+    let extended = match second & 0x7f {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    let mask = if second & 0x80 != 0 { 4 } else { 0 };
+    Some(2 + extended + mask)
+}
+
+/// (fin, opcode, payload length) of a complete header.
+fn parse_header(header: &[u8]) -> (bool, u8, u64) {
+    let fin = header[0] & 0x80 != 0;
+    let opcode = header[0] & 0x0f;
+    let len = match header[1] & 0x7f {
+        126 => u64::from(u16::from_be_bytes([header[2], header[3]])),
+        127 => u64::from_be_bytes(header[2..10].try_into().unwrap_or([0xff; 8])),
+        n => u64::from(n),
+    };
+    (fin, opcode, len)
+}
+
+impl<S> Stream for FrameSizeGuard<S>
+where
+    S: Stream<Item = Result<Bytes, PayloadError>> + Unpin,
+{
+    type Item = Result<Bytes, PayloadError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.failed {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_next(cx) {
+            Poll::Ready(Some(Ok(chunk))) => match this.inspect(&chunk) {
+                Ok(()) => Poll::Ready(Some(Ok(chunk))),
+                Err(e) => {
+                    this.failed = true;
+                    Poll::Ready(Some(Err(e)))
+                }
+            },
+            other => other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_http::ws::{OpCode, Parser};
+    use bytes::BytesMut;
+
+    fn client_frame(op: OpCode, fin: bool, len: usize) -> Vec<u8> {
+        let mut buf = BytesMut::new();
+        Parser::write_message(&mut buf, vec![b'x'; len], op, fin, true);
+        buf.to_vec()
+    }
+
+    fn guard(limit: usize) -> FrameSizeGuard<()> {
+        FrameSizeGuard::new((), limit)
+    }
+
+    #[test]
+    fn passes_frames_within_the_limit_split_anywhere() {
+        let stream: Vec<u8> = [
+            client_frame(OpCode::Text, true, 100),
+            client_frame(OpCode::Ping, true, 5),
+            client_frame(OpCode::Binary, true, 70_000),
+            client_frame(OpCode::Text, true, 0),
+        ]
+        .concat();
+        for chunk_size in [1, 3, 7, 1000, stream.len()] {
+            let mut g = guard(70_000);
+            for chunk in stream.chunks(chunk_size) {
+                g.inspect(chunk).unwrap();
+            }
+            assert_eq!((g.header_len, g.remaining, g.message), (0, 0, 0));
+        }
+    }
+
+    #[test]
+    fn refuses_an_oversized_frame_from_its_header_alone() {
+        let frame = client_frame(OpCode::Binary, true, 70_001);
+        let mut g = guard(70_000);
+        assert!(matches!(
+            g.inspect(&frame[..14]),
+            Err(PayloadError::Overflow)
+        ));
+        // A header announcing an absurd length.
+        let mut g = guard(70_000);
+        assert!(
+            g.inspect(&[
+                0x82, 0xff, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1, 2, 3, 4
+            ])
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn counts_fragments_of_one_message_together() {
+        let mut g = guard(250);
+        g.inspect(&client_frame(OpCode::Text, false, 100)).unwrap();
+        g.inspect(&client_frame(OpCode::Ping, true, 10)).unwrap();
+        g.inspect(&client_frame(OpCode::Continue, false, 100))
+            .unwrap();
+        assert!(
+            g.inspect(&client_frame(OpCode::Continue, true, 100))
+                .is_err()
+        );
+    }
+}
