@@ -11,6 +11,7 @@ use serde_json::json;
 use crate::broker::Broker;
 use crate::data::Data;
 use crate::frame::ErrorCode;
+use crate::metrics::Source;
 use crate::topic;
 
 #[derive(Debug)]
@@ -69,7 +70,8 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
     .service(resource("/api/topics").route(web::get().to(list_topics)))
     .service(resource("/api/connections").route(web::get().to(list_connections)))
     .service(resource("/healthz").route(web::get().to(healthz)))
-    .service(resource("/readyz").route(web::get().to(readyz)));
+    .service(resource("/readyz").route(web::get().to(readyz)))
+    .service(resource("/metrics").route(web::get().to(metrics)));
 }
 
 /// A resource that answers other methods with a JSON 405.
@@ -164,7 +166,7 @@ struct PublishResult {
 }
 
 fn publish(broker: &Broker, topic: String, data: Data) -> PublishResult {
-    let published = broker.engine.publish(&topic, data);
+    let published = broker.engine.publish(&topic, data, Source::Http);
     PublishResult {
         topic,
         seq: published.seq,
@@ -301,6 +303,13 @@ async fn list_connections(query: web::Query<Limit>, broker: web::Data<Broker>) -
 
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+/// `GET /metrics`: Prometheus text exposition.
+async fn metrics(broker: web::Data<Broker>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type(prometheus::TEXT_FORMAT)
+        .body(broker.metrics.render())
 }
 
 async fn readyz(broker: web::Data<Broker>) -> HttpResponse {

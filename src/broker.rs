@@ -9,11 +9,13 @@ use crate::config::Config;
 use crate::connection::{Connection, ConnectionId};
 use crate::engine::Engine;
 use crate::frame::{CloseCode, Limits};
+use crate::metrics::Metrics;
 use crate::registry::TopicRegistry;
 
 pub(crate) struct Broker {
     pub config: Config,
     pub engine: Box<dyn Engine>,
+    pub metrics: Arc<Metrics>,
     pub connections: DashMap<ConnectionId, Arc<Connection>>,
     /// Sent to every client in `welcome`.
     pub limits: Limits,
@@ -21,7 +23,7 @@ pub(crate) struct Broker {
 }
 
 impl Broker {
-    pub(crate) fn new(config: Config) -> Self {
+    pub(crate) fn new(config: Config) -> Arc<Self> {
         let limits = Limits {
             max_message_bytes: config.max_message_bytes,
             max_frame_bytes: config.max_frame_bytes(),
@@ -31,13 +33,28 @@ impl Broker {
             ping_interval_ms: millis(config.ping_interval),
             idle_timeout_ms: millis(config.idle_timeout),
         };
-        Broker {
-            engine: Box::new(TopicRegistry::new(config.topic_ttl)),
-            connections: DashMap::new(),
-            limits,
-            shutting_down: AtomicBool::new(false),
-            config,
-        }
+        Arc::new_cyclic(|broker| {
+            let metrics = Arc::new(Metrics::new(
+                &config.metrics_namespaces,
+                config.max_buffered_bytes,
+                broker.clone(),
+            ));
+            Broker {
+                engine: Box::new(TopicRegistry::new(config.topic_ttl, metrics.clone())),
+                metrics,
+                connections: DashMap::new(),
+                limits,
+                shutting_down: AtomicBool::new(false),
+                config,
+            }
+        })
+    }
+
+    /// Forgets a connection that has ended, keeping its totals in the metrics.
+    pub(crate) fn retire(&self, conn: &Connection) {
+        self.metrics.retire(conn.queue.stats(), || {
+            self.connections.remove(&conn.id);
+        });
     }
 
     pub(crate) fn is_shutting_down(&self) -> bool {

@@ -87,6 +87,11 @@ pub struct Config {
     #[arg(long, env = "CRIER_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// Topic namespaces (first segments) to label in publish, deliver and drop metrics; all others
+    /// are counted as `other`, so the label set stays bounded whatever clients do.
+    #[arg(long, env = "CRIER_METRICS_NAMESPACES", value_delimiter = ',')]
+    pub metrics_namespaces: Vec<String>,
+
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info` or `crier=debug`).
     #[arg(long, env = "CRIER_LOG", default_value = "info")]
     pub log: String,
@@ -118,6 +123,14 @@ impl Config {
         }
         if self.idle_timeout <= self.ping_interval {
             return Err("--idle-timeout must be longer than --ping-interval".into());
+        }
+        for ns in &self.metrics_namespaces {
+            crate::topic::validate_topic(ns)
+                .ok()
+                .filter(|_| !ns.contains('.'))
+                .ok_or_else(|| {
+                    format!("--metrics-namespaces: {ns:?} is not a topic's first segment")
+                })?;
         }
         if self.workers == Some(0) {
             return Err("--workers must be at least 1".into());

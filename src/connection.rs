@@ -22,6 +22,7 @@ use crate::broker::Broker;
 use crate::frame::{
     self, CloseCode, Encoding, ErrorCode, FrameError, FrameId, Op, Request, ServerFrame,
 };
+use crate::metrics::Source;
 use crate::queue::OutboundQueue;
 use crate::topic::Subject;
 
@@ -148,6 +149,7 @@ impl ConnectionActor {
     }
 
     fn reply_error(&self, err: &FrameError) {
+        self.broker.metrics.error_sent(err.code);
         self.reply(&ServerFrame::Error {
             id: err.id.as_ref(),
             code: err.code.as_str(),
@@ -191,7 +193,7 @@ impl ConnectionActor {
                         message,
                     ));
                 }
-                let published = self.broker.engine.publish(&topic, data);
+                let published = self.broker.engine.publish(&topic, data, Source::Ws);
                 self.ack(id.as_ref(), Some(published.seq));
             }
             Op::Ping => self.reply(&ServerFrame::Pong { id: id.as_ref() }),
@@ -293,9 +295,14 @@ impl Actor for ConnectionActor {
         }
         self.conn.subscriptions.store(0, Ordering::Relaxed);
         self.conn.queue.finish();
-        self.broker.connections.remove(&self.conn.id);
-        let code = self.conn.queue.closing_code().map(|c| c.code);
-        tracing::debug!(connection = %self.conn.id, ?code, "connection closed");
+        self.broker.retire(&self.conn);
+        // A connection that ends without any close handshake was dropped by the network or the
+        // client: "abnormal", like the browser's 1006.
+        let code = self.conn.queue.closing_code();
+        self.broker
+            .metrics
+            .connection_closed(code.map_or("abnormal", |c| c.metric));
+        tracing::debug!(connection = %self.conn.id, code = ?code.map(|c| c.code), "connection closed");
     }
 }
 
@@ -306,9 +313,13 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for ConnectionActor
         }
         self.last_seen = Instant::now();
         match item {
-            Ok(AggregatedMessage::Text(text)) => self.handle_request(frame::parse_json(&text)),
+            Ok(AggregatedMessage::Text(text)) => {
+                self.broker.metrics.received(text.len());
+                self.handle_request(frame::parse_json(&text));
+            }
             Ok(AggregatedMessage::Binary(bytes)) => {
-                self.handle_request(frame::parse_msgpack(&bytes))
+                self.broker.metrics.received(bytes.len());
+                self.handle_request(frame::parse_msgpack(&bytes));
             }
             Ok(AggregatedMessage::Ping(payload)) => {
                 self.conn.queue.push_control(frame::pong_frame(&payload));

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::connection::Connection;
 use crate::data::Data;
+use crate::metrics::Source;
 use crate::topic::Subject;
 
 /// The outcome of one publish.
@@ -29,10 +30,17 @@ pub(crate) struct TopicInfo {
     pub seq: u64,
 }
 
+/// Counts the engine keeps up to date for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct EngineStats {
+    pub topics_with_subscribers: usize,
+    pub patterns: usize,
+}
+
 pub(crate) trait Engine: Send + Sync + 'static {
     /// Assigns the next sequence number on `topic` (a valid topic, not a pattern) and queues the
     /// message for every subscriber, in sequence order.
-    fn publish(&self, topic: &str, data: Data) -> Published;
+    fn publish(&self, topic: &str, data: Data, source: Source) -> Published;
 
     /// Starts delivering messages on `subject` to `conn`.
     fn subscribe(&self, conn: &Arc<Connection>, subject: &Subject);
@@ -45,4 +53,6 @@ pub(crate) trait Engine: Send + Sync + 'static {
 
     /// Periodic housekeeping: forgets topics that have been idle long enough.
     fn sweep(&self, now: Instant);
+
+    fn stats(&self) -> EngineStats;
 }

@@ -66,6 +66,15 @@ pub(crate) enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// In declaration order, so that `code as usize` indexes it.
+    pub(crate) const ALL: [ErrorCode; 5] = [
+        ErrorCode::BadFrame,
+        ErrorCode::UnknownOp,
+        ErrorCode::InvalidTopic,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::TooManySubscriptions,
+    ];
+
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadFrame => "bad_frame",

@@ -23,6 +23,7 @@ mod connection;
 mod data;
 mod engine;
 mod frame;
+mod metrics;
 mod patterns;
 mod queue;
 mod registry;

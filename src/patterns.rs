@@ -160,7 +160,15 @@ mod tests {
         Arc::new(Connection::new(
             None,
             Encoding::Json,
-            OutboundQueue::new(1024, SlowConsumerPolicy::DropOldest),
+            OutboundQueue::new(
+                1024,
+                SlowConsumerPolicy::DropOldest,
+                Arc::new(crate::metrics::Metrics::new(
+                    &[],
+                    1024,
+                    std::sync::Weak::new(),
+                )),
+            ),
             None,
         ))
     }

@@ -24,6 +24,7 @@ use parking_lot::Mutex;
 use crate::config::SlowConsumerPolicy;
 use crate::connection::Connection;
 use crate::frame::{self, CloseCode};
+use crate::metrics::{DropReason, Metrics, Ns, WaitHistogram};
 
 /// What became of a message offered to a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +42,9 @@ pub(crate) struct QueueStats {
     buffered: AtomicUsize,
     high_water: AtomicUsize,
     dropped: AtomicU64,
+    /// Written only by the thread that hands frames to the socket.
+    sent_bytes: AtomicU64,
+    wait: WaitHistogram,
 }
 
 impl QueueStats {
@@ -55,6 +59,14 @@ impl QueueStats {
     pub(crate) fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
+
+    pub(crate) fn sent_bytes(&self) -> u64 {
+        self.sent_bytes.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn wait(&self) -> &WaitHistogram {
+        &self.wait
+    }
 }
 
 pub(crate) struct OutboundQueue {
@@ -62,6 +74,7 @@ pub(crate) struct OutboundQueue {
     limit: usize,
     policy: SlowConsumerPolicy,
     stats: QueueStats,
+    metrics: Arc<Metrics>,
 }
 
 struct QueueState {
@@ -72,16 +85,20 @@ struct QueueState {
     progress_at: Instant,
     waker: Option<Waker>,
     phase: Phase,
+    /// The code the closing handshake started with, kept after the body ends.
+    closed_with: Option<CloseCode>,
 }
 
 struct Queued {
     bytes: Bytes,
     kind: Kind,
+    queued_at: Instant,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    Message,
+    /// A published message, tagged with its topic's namespace for the drop counters.
+    Message(Ns),
     Control,
     Close,
 }
@@ -90,7 +107,6 @@ enum Kind {
 enum Phase {
     Open,
     Closing {
-        code: CloseCode,
         since: Instant,
         close_sent: bool,
         peer_closed: bool,
@@ -111,7 +127,7 @@ pub(crate) struct QueueHealth {
 }
 
 impl OutboundQueue {
-    pub(crate) fn new(limit: usize, policy: SlowConsumerPolicy) -> Self {
+    pub(crate) fn new(limit: usize, policy: SlowConsumerPolicy, metrics: Arc<Metrics>) -> Self {
         OutboundQueue {
             state: Mutex::new(QueueState {
                 frames: VecDeque::new(),
@@ -120,10 +136,12 @@ impl OutboundQueue {
                 progress_at: Instant::now(),
                 waker: None,
                 phase: Phase::Open,
+                closed_with: None,
             }),
             limit,
             policy,
             stats: QueueStats::default(),
+            metrics,
         }
     }
 
@@ -131,8 +149,8 @@ impl OutboundQueue {
         &self.stats
     }
 
-    /// Offers a published message's frame; never blocks.
-    pub(crate) fn push_message(&self, frame: Bytes) -> Push {
+    /// Offers a published message's frame, queued at `now`; never blocks.
+    pub(crate) fn push_message(&self, frame: Bytes, ns: Ns, now: Instant) -> Push {
         let mut st = self.state.lock();
         if st.phase != Phase::Open {
             return Push::Closed;
@@ -141,22 +159,25 @@ impl OutboundQueue {
         if st.bytes + len > self.limit {
             match self.policy {
                 SlowConsumerPolicy::DropNewest => {
-                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    self.count_drop(ns, DropReason::BufferFullNewest);
                     return Push::Dropped;
                 }
                 SlowConsumerPolicy::DropOldest => {
-                    while st.bytes + len > self.limit && st.drop_oldest_message() {
-                        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    while st.bytes + len > self.limit {
+                        match st.remove_oldest_message() {
+                            Some(evicted) => self.count_drop(evicted, DropReason::BufferFullOldest),
+                            None => break,
+                        }
                     }
                     if st.bytes + len > self.limit {
                         // Only control frames are left, or the frame alone exceeds the limit.
-                        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        self.count_drop(ns, DropReason::BufferFullNewest);
                         self.publish_size(&st);
                         return Push::Dropped;
                     }
                 }
                 SlowConsumerPolicy::Disconnect => {
-                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    self.count_drop(ns, DropReason::SlowConsumer);
                     let waker = self.begin_close(&mut st, CloseCode::SLOW_CONSUMER, true);
                     drop(st);
                     wake(waker);
@@ -164,7 +185,7 @@ impl OutboundQueue {
                 }
             }
         }
-        let waker = self.enqueue(&mut st, frame, Kind::Message);
+        let waker = self.enqueue(&mut st, frame, Kind::Message(ns), now);
         drop(st);
         wake(waker);
         Push::Queued
@@ -181,7 +202,7 @@ impl OutboundQueue {
         let waker = if st.control_bytes + frame.len() > self.limit {
             self.begin_close(&mut st, CloseCode::SLOW_CONSUMER, true)
         } else {
-            self.enqueue(&mut st, frame, Kind::Control)
+            self.enqueue(&mut st, frame, Kind::Control, Instant::now())
         };
         let open = st.phase == Phase::Open;
         drop(st);
@@ -223,17 +244,15 @@ impl OutboundQueue {
     pub(crate) fn finish(&self) {
         let mut st = self.state.lock();
         st.phase = Phase::Finished;
+        self.discard(&mut st, DropReason::Closed);
         let waker = st.waker.take();
         drop(st);
         wake(waker);
     }
 
-    /// The close code the connection is closing with, if it is.
+    /// The close code the connection is closing (or closed) with, if a close was started.
     pub(crate) fn closing_code(&self) -> Option<CloseCode> {
-        match self.state.lock().phase {
-            Phase::Closing { code, .. } => Some(code),
-            _ => None,
-        }
+        self.state.lock().closed_with
     }
 
     pub(crate) fn health(&self, now: Instant) -> QueueHealth {
@@ -256,9 +275,16 @@ impl OutboundQueue {
             return Poll::Ready(None);
         }
         if let Some(queued) = st.frames.pop_front() {
+            let now = Instant::now();
             st.bytes -= queued.bytes.len();
+            self.stats
+                .sent_bytes
+                .fetch_add(queued.bytes.len() as u64, Ordering::Relaxed);
+            self.stats
+                .wait
+                .observe(now.saturating_duration_since(queued.queued_at));
             match queued.kind {
-                Kind::Message => {}
+                Kind::Message(_) => {}
                 Kind::Control => st.control_bytes -= queued.bytes.len(),
                 Kind::Close => {
                     st.control_bytes -= queued.bytes.len();
@@ -267,7 +293,7 @@ impl OutboundQueue {
                     }
                 }
             }
-            st.progress_at = Instant::now();
+            st.progress_at = now;
             self.publish_size(&st);
             return Poll::Ready(Some(queued.bytes));
         }
@@ -286,36 +312,62 @@ impl OutboundQueue {
         Poll::Pending
     }
 
-    fn enqueue(&self, st: &mut QueueState, bytes: Bytes, kind: Kind) -> Option<Waker> {
+    fn enqueue(
+        &self,
+        st: &mut QueueState,
+        bytes: Bytes,
+        kind: Kind,
+        now: Instant,
+    ) -> Option<Waker> {
         if st.frames.is_empty() {
-            st.progress_at = Instant::now();
+            st.progress_at = now;
         }
         st.bytes += bytes.len();
-        if kind != Kind::Message {
+        if !matches!(kind, Kind::Message(_)) {
             st.control_bytes += bytes.len();
         }
-        st.frames.push_back(Queued { bytes, kind });
+        st.frames.push_back(Queued {
+            bytes,
+            kind,
+            queued_at: now,
+        });
         self.publish_size(st);
         st.waker.take()
     }
 
     fn begin_close(&self, st: &mut QueueState, code: CloseCode, discard: bool) -> Option<Waker> {
         if discard {
-            let dropped = st.frames.iter().filter(|q| q.kind == Kind::Message).count();
-            self.stats
-                .dropped
-                .fetch_add(dropped as u64, Ordering::Relaxed);
-            st.frames.clear();
-            st.bytes = 0;
-            st.control_bytes = 0;
+            self.discard(st, DropReason::SlowConsumer);
         }
+        st.closed_with = Some(code);
         st.phase = Phase::Closing {
-            code,
             since: Instant::now(),
             close_sent: false,
             peer_closed: false,
         };
-        self.enqueue(st, frame::close_frame(code.code, code.reason), Kind::Close)
+        self.enqueue(
+            st,
+            frame::close_frame(code.code, code.reason),
+            Kind::Close,
+            Instant::now(),
+        )
+    }
+
+    /// Empties the queue, counting the messages in it as dropped for `reason`.
+    fn discard(&self, st: &mut QueueState, reason: DropReason) {
+        for queued in st.frames.drain(..) {
+            if let Kind::Message(ns) = queued.kind {
+                self.count_drop(ns, reason);
+            }
+        }
+        st.bytes = 0;
+        st.control_bytes = 0;
+        self.publish_size(st);
+    }
+
+    fn count_drop(&self, ns: Ns, reason: DropReason) {
+        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        self.metrics.dropped(ns, reason, 1);
     }
 
     fn publish_size(&self, st: &QueueState) {
@@ -325,16 +377,17 @@ impl OutboundQueue {
 }
 
 impl QueueState {
-    /// Removes the oldest message frame; false if there is none.
-    fn drop_oldest_message(&mut self) -> bool {
-        match self.frames.iter().position(|q| q.kind == Kind::Message) {
-            Some(i) => {
-                if let Some(q) = self.frames.remove(i) {
-                    self.bytes -= q.bytes.len();
-                }
-                true
-            }
-            None => false,
+    /// Removes the oldest message frame and returns its namespace; None if there is none.
+    fn remove_oldest_message(&mut self) -> Option<Ns> {
+        let i = self
+            .frames
+            .iter()
+            .position(|q| matches!(q.kind, Kind::Message(_)))?;
+        let removed = self.frames.remove(i)?;
+        self.bytes -= removed.bytes.len();
+        match removed.kind {
+            Kind::Message(ns) => Some(ns),
+            _ => None,
         }
     }
 }
@@ -389,6 +442,20 @@ impl Drop for OutboundBody {
 mod tests {
     use super::*;
 
+    fn metrics() -> Arc<Metrics> {
+        Arc::new(Metrics::new(&[], 100, std::sync::Weak::new()))
+    }
+
+    fn queue(limit: usize, policy: SlowConsumerPolicy) -> OutboundQueue {
+        OutboundQueue::new(limit, policy, metrics())
+    }
+
+    /// Pushes a message frame on the `other` namespace.
+    fn push(q: &OutboundQueue, frame: Bytes) -> Push {
+        let ns = q.metrics.namespace("t");
+        q.push_message(frame, ns, Instant::now())
+    }
+
     fn poll(queue: &OutboundQueue) -> Poll<Option<Bytes>> {
         queue.poll_frame(&mut Context::from_waker(Waker::noop()))
     }
@@ -399,8 +466,8 @@ mod tests {
 
     #[test]
     fn buffered_bytes_follow_push_and_take() {
-        let q = OutboundQueue::new(100, SlowConsumerPolicy::DropOldest);
-        assert_eq!(q.push_message(msg(30)), Push::Queued);
+        let q = queue(100, SlowConsumerPolicy::DropOldest);
+        assert_eq!(push(&q, msg(30)), Push::Queued);
         assert!(q.push_control(Bytes::from_static(b"ack")));
         assert_eq!(q.stats().buffered_bytes(), 33);
         assert_eq!(poll(&q), Poll::Ready(Some(msg(30))));
@@ -413,11 +480,11 @@ mod tests {
 
     #[test]
     fn drop_oldest_keeps_the_newest_and_the_control_frames() {
-        let q = OutboundQueue::new(100, SlowConsumerPolicy::DropOldest);
-        q.push_message(Bytes::from(vec![1u8; 40]));
+        let q = queue(100, SlowConsumerPolicy::DropOldest);
+        push(&q, Bytes::from(vec![1u8; 40]));
         q.push_control(Bytes::from(vec![0u8; 10]));
-        q.push_message(Bytes::from(vec![2u8; 40]));
-        assert_eq!(q.push_message(Bytes::from(vec![3u8; 40])), Push::Queued);
+        push(&q, Bytes::from(vec![2u8; 40]));
+        assert_eq!(push(&q, Bytes::from(vec![3u8; 40])), Push::Queued);
         assert_eq!(q.stats().dropped(), 1);
         assert_eq!(q.stats().buffered_bytes(), 90);
         let order: Vec<u8> = std::iter::from_fn(|| match poll(&q) {
@@ -430,22 +497,22 @@ mod tests {
 
     #[test]
     fn drop_newest_refuses_what_does_not_fit() {
-        let q = OutboundQueue::new(100, SlowConsumerPolicy::DropNewest);
-        q.push_message(Bytes::from(vec![1u8; 60]));
-        assert_eq!(q.push_message(Bytes::from(vec![2u8; 60])), Push::Dropped);
-        assert_eq!(q.push_message(Bytes::from(vec![3u8; 40])), Push::Queued);
+        let q = queue(100, SlowConsumerPolicy::DropNewest);
+        push(&q, Bytes::from(vec![1u8; 60]));
+        assert_eq!(push(&q, Bytes::from(vec![2u8; 60])), Push::Dropped);
+        assert_eq!(push(&q, Bytes::from(vec![3u8; 40])), Push::Queued);
         assert_eq!(q.stats().dropped(), 1);
         assert_eq!(q.stats().buffered_bytes(), 100);
     }
 
     #[test]
     fn disconnect_discards_and_sends_4008() {
-        let q = OutboundQueue::new(100, SlowConsumerPolicy::Disconnect);
-        q.push_message(msg(60));
-        assert_eq!(q.push_message(msg(60)), Push::Dropped);
+        let q = queue(100, SlowConsumerPolicy::Disconnect);
+        push(&q, msg(60));
+        assert_eq!(push(&q, msg(60)), Push::Dropped);
         assert_eq!(q.closing_code(), Some(CloseCode::SLOW_CONSUMER));
         assert_eq!(q.stats().dropped(), 2);
-        assert_eq!(q.push_message(msg(1)), Push::Closed);
+        assert_eq!(push(&q, msg(1)), Push::Closed);
         let Poll::Ready(Some(close)) = poll(&q) else {
             panic!("close frame expected")
         };
@@ -459,8 +526,8 @@ mod tests {
 
     #[test]
     fn a_client_close_is_answered_after_what_is_queued() {
-        let q = OutboundQueue::new(100, SlowConsumerPolicy::DropOldest);
-        q.push_message(msg(5));
+        let q = queue(100, SlowConsumerPolicy::DropOldest);
+        push(&q, msg(5));
         q.peer_closed(CloseCode::NORMAL);
         assert_eq!(poll(&q), Poll::Ready(Some(msg(5))));
         let Poll::Ready(Some(close)) = poll(&q) else {
@@ -472,7 +539,7 @@ mod tests {
 
     #[test]
     fn control_flood_closes_as_slow_consumer() {
-        let q = OutboundQueue::new(100, SlowConsumerPolicy::DropOldest);
+        let q = queue(100, SlowConsumerPolicy::DropOldest);
         let mut accepted = 0;
         while q.push_control(msg(30)) {
             accepted += 1;
@@ -483,10 +550,27 @@ mod tests {
 
     #[test]
     fn health_reports_a_stalled_socket() {
-        let q = OutboundQueue::new(100, SlowConsumerPolicy::DropOldest);
+        let q = queue(100, SlowConsumerPolicy::DropOldest);
         let later = Instant::now() + Duration::from_secs(5);
         assert!(q.health(later).stalled_for.is_none());
-        q.push_message(msg(1));
+        push(&q, msg(1));
         assert!(q.health(later).stalled_for.unwrap() >= Duration::from_secs(4));
+    }
+
+    #[test]
+    fn messages_still_queued_at_the_end_are_counted_as_closed() {
+        let q = queue(100, SlowConsumerPolicy::DropOldest);
+        push(&q, msg(10));
+        push(&q, msg(10));
+        q.push_control(msg(5));
+        q.finish();
+        assert_eq!(q.stats().dropped(), 2);
+        assert!(
+            q.metrics
+                .render()
+                .contains(r#"crier_messages_dropped_total{namespace="other",reason="closed"} 2"#)
+        );
+        assert_eq!(q.stats().buffered_bytes(), 0);
+        assert_eq!(poll(&q), Poll::Ready(None));
     }
 }

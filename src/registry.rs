@@ -7,6 +7,7 @@
 //! slow subscriber's queue drops or closes (see [`crate::queue`]).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -16,8 +17,9 @@ use parking_lot::Mutex;
 
 use crate::connection::{Connection, ConnectionId};
 use crate::data::Data;
-use crate::engine::{Engine, Published, TopicInfo};
+use crate::engine::{Engine, EngineStats, Published, TopicInfo};
 use crate::frame::{self, Encoding};
+use crate::metrics::{Metrics, Source};
 use crate::patterns::PatternIndex;
 use crate::queue::Push;
 use crate::topic::Subject;
@@ -27,6 +29,8 @@ pub(crate) struct TopicRegistry {
     patterns: PatternIndex,
     /// How long a topic without subscribers keeps its sequence after its last publish.
     topic_ttl: Duration,
+    metrics: Arc<Metrics>,
+    topics_with_subscribers: AtomicUsize,
 }
 
 struct Topic {
@@ -128,11 +132,13 @@ impl TopicState {
 }
 
 impl TopicRegistry {
-    pub(crate) fn new(topic_ttl: Duration) -> Self {
+    pub(crate) fn new(topic_ttl: Duration, metrics: Arc<Metrics>) -> Self {
         TopicRegistry {
             topics: DashMap::new(),
             patterns: PatternIndex::default(),
             topic_ttl,
+            metrics,
+            topics_with_subscribers: AtomicUsize::new(0),
         }
     }
 
@@ -168,14 +174,17 @@ impl TopicRegistry {
 }
 
 impl Engine for TopicRegistry {
-    fn publish(&self, topic: &str, data: Data) -> Published {
-        self.with_topic(topic, |name, state| {
+    fn publish(&self, topic: &str, data: Data, source: Source) -> Published {
+        let accepted = Instant::now();
+        let ns = self.metrics.namespace(topic);
+        let published = self.with_topic(topic, |name, state| {
             state.seq += 1;
-            state.last_publish = Instant::now();
+            state.last_publish = accepted;
             let publication = Publication::new(name.clone(), state.seq, data.clone());
             let mut receivers = 0;
             state.for_each_receiver(name, &self.patterns, |conn| {
-                if conn.queue.push_message(publication.frame(conn.encoding)) == Push::Queued {
+                let frame = publication.frame(conn.encoding);
+                if conn.queue.push_message(frame, ns, accepted) == Push::Queued {
                     receivers += 1;
                 }
             });
@@ -183,13 +192,19 @@ impl Engine for TopicRegistry {
                 seq: state.seq,
                 receivers,
             }
-        })
+        });
+        self.metrics
+            .published(ns, source, accepted.elapsed(), published.receivers);
+        published
     }
 
     fn subscribe(&self, conn: &Arc<Connection>, subject: &Subject) {
         match subject {
             Subject::Topic(name) => self.with_topic(name, |_, state| {
-                state.subscribers.insert(conn.id, conn.clone());
+                let first = state.subscribers.is_empty();
+                if state.subscribers.insert(conn.id, conn.clone()).is_none() && first {
+                    self.topics_with_subscribers.fetch_add(1, Ordering::Relaxed);
+                }
             }),
             Subject::Pattern(pattern) => self.patterns.insert(pattern, conn),
         }
@@ -203,7 +218,10 @@ impl Engine for TopicRegistry {
                 };
                 let now_unused = {
                     let mut state = topic.state.lock();
-                    state.subscribers.remove(&conn.id);
+                    if state.subscribers.remove(&conn.id).is_some() && state.subscribers.is_empty()
+                    {
+                        self.topics_with_subscribers.fetch_sub(1, Ordering::Relaxed);
+                    }
                     state.subscribers.is_empty() && state.seq == 0
                 };
                 if now_unused {
@@ -251,6 +269,13 @@ impl Engine for TopicRegistry {
             self.try_remove(&name, now);
         }
     }
+
+    fn stats(&self) -> EngineStats {
+        EngineStats {
+            topics_with_subscribers: self.topics_with_subscribers.load(Ordering::Relaxed),
+            patterns: self.patterns.len(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -259,13 +284,21 @@ mod tests {
     use crate::config::SlowConsumerPolicy;
     use crate::queue::OutboundQueue;
 
+    fn metrics() -> Arc<Metrics> {
+        Arc::new(Metrics::new(&[], 1 << 20, std::sync::Weak::new()))
+    }
+
     fn conn(encoding: Encoding) -> Arc<Connection> {
         Arc::new(Connection::new(
             None,
             encoding,
-            OutboundQueue::new(1 << 20, SlowConsumerPolicy::DropOldest),
+            OutboundQueue::new(1 << 20, SlowConsumerPolicy::DropOldest, metrics()),
             None,
         ))
+    }
+
+    fn registry() -> TopicRegistry {
+        TopicRegistry::new(Duration::from_secs(60), metrics())
     }
 
     fn json(s: &'static str) -> Data {
@@ -274,34 +307,34 @@ mod tests {
 
     #[test]
     fn sequences_count_per_topic_and_receivers_are_counted_once() {
-        let registry = TopicRegistry::new(Duration::from_secs(60));
+        let registry = registry();
         let (a, b) = (conn(Encoding::Json), conn(Encoding::Msgpack));
         registry.subscribe(&a, &Subject::parse("x.y").unwrap());
         registry.subscribe(&a, &Subject::parse("x.*").unwrap());
         registry.subscribe(&b, &Subject::parse("x.>").unwrap());
         assert_eq!(
-            registry.publish("x.y", json("1")),
+            registry.publish("x.y", json("1"), Source::Http),
             Published {
                 seq: 1,
                 receivers: 2
             }
         );
         assert_eq!(
-            registry.publish("x.y", json("2")),
+            registry.publish("x.y", json("2"), Source::Http),
             Published {
                 seq: 2,
                 receivers: 2
             }
         );
         assert_eq!(
-            registry.publish("x.z", json("3")),
+            registry.publish("x.z", json("3"), Source::Http),
             Published {
                 seq: 1,
                 receivers: 2
             }
         );
         assert_eq!(
-            registry.publish("q", json("4")),
+            registry.publish("q", json("4"), Source::Ws),
             Published {
                 seq: 1,
                 receivers: 0
@@ -325,7 +358,7 @@ mod tests {
 
     #[test]
     fn unused_topics_are_forgotten() {
-        let registry = TopicRegistry::new(Duration::from_secs(60));
+        let registry = registry();
         let a = conn(Encoding::Json);
         let subject = Subject::parse("t").unwrap();
         registry.subscribe(&a, &subject);
@@ -335,7 +368,7 @@ mod tests {
             "never published, no subscribers"
         );
 
-        registry.publish("t", json("1"));
+        registry.publish("t", json("1"), Source::Ws);
         registry.sweep(Instant::now());
         assert_eq!(
             registry.topics().len(),
@@ -344,6 +377,6 @@ mod tests {
         );
         registry.sweep(Instant::now() + Duration::from_secs(61));
         assert!(registry.topics().is_empty());
-        assert_eq!(registry.publish("t", json("1")).seq, 1);
+        assert_eq!(registry.publish("t", json("1"), Source::Ws).seq, 1);
     }
 }

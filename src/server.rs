@@ -5,6 +5,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::middleware::{self, Next};
 use actix_web::{App, HttpServer, web};
 use tokio::sync::watch;
 
@@ -38,11 +41,12 @@ impl Server {
         config
             .validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let broker = Arc::new(Broker::new(config));
+        let broker = Broker::new(config);
         let config = &broker.config;
         let data = web::Data::from(broker.clone());
         let mut http = HttpServer::new(move || {
             App::new()
+                .wrap(middleware::from_fn(count_requests))
                 .app_data(data.clone())
                 .service(api::resource("/ws").route(web::get().to(ws::upgrade)))
                 .configure(api::routes)
@@ -167,6 +171,25 @@ async fn shutdown_requested(requested: &mut watch::Receiver<bool>, signals: bool
         _ = terminate => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
+}
+
+/// Counts every HTTP request by route pattern (never the raw path, which clients choose) and status.
+async fn count_requests(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let broker = req.app_data::<web::Data<Broker>>().cloned();
+    let response = next.call(req).await?;
+    if let Some(broker) = broker {
+        let route = response
+            .request()
+            .match_pattern()
+            .unwrap_or_else(|| "unmatched".to_owned());
+        broker
+            .metrics
+            .http_request(&route, response.status().as_u16());
+    }
+    Ok(response)
 }
 
 /// Periodic upkeep: forgetting idle topics.

@@ -84,6 +84,11 @@ fn is_topic_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '@')
 }
 
+/// The first segment of a topic, which metrics may label.
+pub(crate) fn namespace(topic: &str) -> &str {
+    topic.split('.').next().unwrap_or(topic)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,5 +139,11 @@ mod tests {
         for p in ["a.>.b", ">.a", "a*", "a.b*", "a.>>", "a.**"] {
             assert!(Subject::parse(p).is_err(), "{p:?} should be invalid");
         }
+    }
+
+    #[test]
+    fn namespaces() {
+        assert_eq!(namespace("metrics.cpu"), "metrics");
+        assert_eq!(namespace("solo"), "solo");
     }
 }

@@ -75,7 +75,11 @@ pub(crate) async fn upgrade(
     let conn = Arc::new(Connection::new(
         req.peer_addr(),
         encoding,
-        OutboundQueue::new(config.max_buffered_bytes, config.slow_consumer),
+        OutboundQueue::new(
+            config.max_buffered_bytes,
+            config.slow_consumer,
+            broker.metrics.clone(),
+        ),
         req.conn_data::<RawSocket>().map(|s| s.0),
     ));
     let id = conn.id.to_string();
@@ -89,6 +93,7 @@ pub(crate) async fn upgrade(
         },
     ));
     broker.connections.insert(conn.id, conn.clone());
+    broker.metrics.connection_accepted();
     tracing::debug!(connection = %id, peer = ?conn.peer, encoding = encoding.name(), "connection opened");
 
     let messages = messages
