@@ -105,6 +105,20 @@ impl TestServer {
         response.json().await.unwrap()
     }
 
+    /// Scrapes `/metrics` into series → value (series as printed, labels sorted by name).
+    pub async fn scrape(&self) -> Scrape {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        Scrape::parse(&text)
+    }
+
     /// The connection entry with this id in `GET /api/connections`.
     pub async fn connection(&self, id: &str) -> Option<Value> {
         let all = self.get("/api/connections").await;
@@ -133,6 +147,38 @@ fn init_logging() {
             .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
             .with_test_writer()
             .try_init();
+    }
+}
+
+/// One scrape of `/metrics`.
+#[derive(Debug, Clone)]
+pub struct Scrape {
+    pub text: String,
+    pub series: std::collections::HashMap<String, f64>,
+}
+
+impl Scrape {
+    pub fn parse(text: &str) -> Scrape {
+        let series = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                let (name, value) = l.rsplit_once(' ').expect("series and value");
+                (name.to_owned(), value.parse().expect("a number"))
+            })
+            .collect();
+        Scrape {
+            text: text.to_owned(),
+            series,
+        }
+    }
+
+    /// The value of a series, e.g. `crier_connections{encoding="json"}`; fails if absent.
+    pub fn get(&self, series: &str) -> f64 {
+        *self
+            .series
+            .get(series)
+            .unwrap_or_else(|| panic!("no series {series} in:\n{}", self.text))
     }
 }
 
