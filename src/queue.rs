@@ -8,9 +8,16 @@
 //!
 //! Publishers push into the queue from any thread and never wait: a full queue drops or closes,
 //! it never blocks. Control frames (acks, errors, pongs, close) are never dropped by the policy.
+//!
+//! Subscriptions in `latest` mode conflate: a topic has at most one frame waiting here, and a newer
+//! message replaces it in place. With a rate limit, a message that comes too soon waits (replacing
+//! any older one waiting) until its topic's next slot, when a timer in the body releases it, so
+//! the last value of a burst always goes out.
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -29,11 +36,21 @@ use crate::metrics::{DropReason, Metrics, Ns, WaitHistogram};
 /// What became of a message offered to a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Push {
+    /// Queued, or held for its topic's next rate slot.
     Queued,
+    /// Replaced an older message of the same topic still waiting (`latest` mode).
+    Conflated,
     /// Dropped by the slow-consumer policy (or the connection closed because of it).
     Dropped,
     /// The connection is closing; it takes no more messages.
     Closed,
+}
+
+impl Push {
+    /// Whether the message will reach the socket unless something newer replaces it.
+    pub(crate) fn accepted(self) -> bool {
+        matches!(self, Push::Queued | Push::Conflated)
+    }
 }
 
 /// Counters kept per connection, readable without taking the queue's lock.
@@ -42,6 +59,7 @@ pub(crate) struct QueueStats {
     buffered: AtomicUsize,
     high_water: AtomicUsize,
     dropped: AtomicU64,
+    conflated: AtomicU64,
     /// Written only by the thread that hands frames to the socket.
     sent_bytes: AtomicU64,
     wait: WaitHistogram,
@@ -58,6 +76,10 @@ impl QueueStats {
 
     pub(crate) fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn conflated(&self) -> u64 {
+        self.conflated.load(Ordering::Relaxed)
     }
 
     pub(crate) fn sent_bytes(&self) -> u64 {
@@ -79,6 +101,9 @@ pub(crate) struct OutboundQueue {
 
 struct QueueState {
     frames: VecDeque<Queued>,
+    /// The index of `frames[0]`: a frame keeps its index while it waits, whatever goes before it.
+    head: u64,
+    /// Bytes accepted and not yet taken by the socket: queued frames and frames held for a rate slot.
     bytes: usize,
     control_bytes: usize,
     /// When the socket last took a frame, or when the queue last became non-empty.
@@ -87,6 +112,10 @@ struct QueueState {
     phase: Phase,
     /// The code the closing handshake started with, kept after the body ends.
     closed_with: Option<CloseCode>,
+    /// Topics delivered in `latest` mode.
+    latest: HashMap<Arc<str>, LatestSlot>,
+    /// When held frames are due, by topic (an entry is stale once its frame has gone).
+    due: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
 }
 
 struct Queued {
@@ -95,12 +124,36 @@ struct Queued {
     queued_at: Instant,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Kind {
-    /// A published message, tagged with its topic's namespace for the drop counters.
-    Message(Ns),
+    /// A published message: its topic's namespace (for the drop counters), and its topic if it
+    /// is delivered in `latest` mode.
+    Message {
+        ns: Ns,
+        latest: Option<Arc<str>>,
+    },
     Control,
     Close,
+    /// Dropped while waiting; skipped when its turn comes.
+    Evicted,
+}
+
+/// One topic delivered in `latest` mode on this connection.
+#[derive(Default)]
+struct LatestSlot {
+    /// The index of this topic's frame waiting in the queue.
+    queued: Option<u64>,
+    /// A frame held back until `next_at` by the rate limit.
+    held: Option<Held>,
+    /// When the next frame of this topic may be queued.
+    next_at: Option<Instant>,
+    min_interval: Option<Duration>,
+}
+
+struct Held {
+    bytes: Bytes,
+    ns: Ns,
+    queued_at: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,17 +179,32 @@ pub(crate) struct QueueHealth {
     pub finished: bool,
 }
 
+/// What the body should do next.
+#[derive(Debug, PartialEq)]
+enum Next {
+    Frame(Bytes),
+    End,
+    /// Nothing to send now; a held frame is due at this time, if any.
+    Wait(Option<Instant>),
+}
+
+/// How many idle `latest` slots a connection keeps before it tidies them away.
+const IDLE_SLOTS_KEPT: usize = 256;
+
 impl OutboundQueue {
     pub(crate) fn new(limit: usize, policy: SlowConsumerPolicy, metrics: Arc<Metrics>) -> Self {
         OutboundQueue {
             state: Mutex::new(QueueState {
                 frames: VecDeque::new(),
+                head: 0,
                 bytes: 0,
                 control_bytes: 0,
                 progress_at: Instant::now(),
                 waker: None,
                 phase: Phase::Open,
                 closed_with: None,
+                latest: HashMap::new(),
+                due: BinaryHeap::new(),
             }),
             limit,
             policy,
@@ -149,46 +217,159 @@ impl OutboundQueue {
         &self.stats
     }
 
-    /// Offers a published message's frame, queued at `now`; never blocks.
+    /// Offers a published message's frame, accepted at `now`; never blocks.
     pub(crate) fn push_message(&self, frame: Bytes, ns: Ns, now: Instant) -> Push {
         let mut st = self.state.lock();
         if st.phase != Phase::Open {
             return Push::Closed;
         }
-        let len = frame.len();
-        if st.bytes + len > self.limit {
-            match self.policy {
-                SlowConsumerPolicy::DropNewest => {
-                    self.count_drop(ns, DropReason::BufferFullNewest);
-                    return Push::Dropped;
-                }
-                SlowConsumerPolicy::DropOldest => {
-                    while st.bytes + len > self.limit {
-                        match st.remove_oldest_message() {
-                            Some(evicted) => self.count_drop(evicted, DropReason::BufferFullOldest),
-                            None => break,
-                        }
-                    }
-                    if st.bytes + len > self.limit {
-                        // Only control frames are left, or the frame alone exceeds the limit.
-                        self.count_drop(ns, DropReason::BufferFullNewest);
-                        self.publish_size(&st);
-                        return Push::Dropped;
-                    }
-                }
-                SlowConsumerPolicy::Disconnect => {
-                    self.count_drop(ns, DropReason::SlowConsumer);
-                    let waker = self.begin_close(&mut st, CloseCode::SLOW_CONSUMER, true);
-                    drop(st);
-                    wake(waker);
-                    return Push::Dropped;
-                }
-            }
+        if let Err((push, waker)) = self.make_room(&mut st, frame.len(), ns) {
+            drop(st);
+            wake(waker);
+            return push;
         }
-        let waker = self.enqueue(&mut st, frame, Kind::Message(ns), now);
+        let waker = self.enqueue(&mut st, frame, Kind::Message { ns, latest: None }, now);
         drop(st);
         wake(waker);
         Push::Queued
+    }
+
+    /// Offers a message for a `latest` subscription on `topic`: it replaces the topic's frame
+    /// still waiting, if any, and goes out no sooner than `min_interval` after the last one.
+    pub(crate) fn push_latest(
+        &self,
+        frame: Bytes,
+        topic: &Arc<str>,
+        ns: Ns,
+        now: Instant,
+        min_interval: Option<Duration>,
+    ) -> Push {
+        let mut st = self.state.lock();
+        if st.phase != Phase::Open {
+            return Push::Closed;
+        }
+        let st = &mut *st;
+        let slot = st.latest.entry(topic.clone()).or_default();
+        slot.min_interval = min_interval;
+
+        // A frame of this topic is still waiting in the queue: the new one takes its place.
+        if let Some(index) = slot.queued {
+            if let Some(waiting) = index
+                .checked_sub(st.head)
+                .and_then(|i| st.frames.get_mut(i as usize))
+                && let Kind::Message {
+                    ns: old_ns,
+                    latest: Some(t),
+                } = &waiting.kind
+                && t == topic
+            {
+                let old_ns = *old_ns;
+                st.bytes = st.bytes - waiting.bytes.len() + frame.len();
+                waiting.bytes = frame;
+                waiting.kind = Kind::Message {
+                    ns,
+                    latest: Some(topic.clone()),
+                };
+                self.count_conflated(old_ns);
+                self.publish_size(st);
+                return Push::Conflated;
+            }
+            slot.queued = None;
+        }
+
+        // Too soon after the last one: hold it for the topic's next slot.
+        if let Some(next_at) = slot.next_at.filter(|&next_at| now < next_at) {
+            let len = frame.len();
+            let push = match slot.held.replace(Held {
+                bytes: frame,
+                ns,
+                queued_at: now,
+            }) {
+                Some(older) => {
+                    st.bytes = st.bytes - older.bytes.len() + len;
+                    self.count_conflated(older.ns);
+                    Push::Conflated
+                }
+                None => {
+                    st.bytes += len;
+                    st.due.push(Reverse((next_at, topic.clone())));
+                    Push::Queued
+                }
+            };
+            self.publish_size(st);
+            // The body may be waiting without a timer for this slot.
+            let waker = st.waker.take();
+            wake(waker);
+            return push;
+        }
+
+        // Its slot is open: a frame still held (its timer has not fired yet) is older than this
+        // one and must not follow it.
+        let mut push = Push::Queued;
+        if let Some(older) = slot.held.take() {
+            st.bytes -= older.bytes.len();
+            self.count_conflated(older.ns);
+            push = Push::Conflated;
+        }
+        if let Err((refused, waker)) = self.make_room(st, frame.len(), ns) {
+            self.publish_size(st);
+            wake(waker);
+            return refused;
+        }
+        let index = st.head + st.frames.len() as u64;
+        let waker = self.enqueue(
+            st,
+            frame,
+            Kind::Message {
+                ns,
+                latest: Some(topic.clone()),
+            },
+            now,
+        );
+        if let Some(slot) = st.latest.get_mut(topic) {
+            slot.queued = Some(index);
+        }
+        wake(waker);
+        push
+    }
+
+    /// Applies the slow-consumer policy so that `len` more bytes fit; on refusal, what became of
+    /// the message and whom to wake.
+    fn make_room(
+        &self,
+        st: &mut QueueState,
+        len: usize,
+        ns: Ns,
+    ) -> Result<(), (Push, Option<Waker>)> {
+        if st.bytes + len <= self.limit {
+            return Ok(());
+        }
+        match self.policy {
+            SlowConsumerPolicy::DropNewest => {
+                self.count_drop(ns, DropReason::BufferFullNewest);
+                Err((Push::Dropped, None))
+            }
+            SlowConsumerPolicy::DropOldest => {
+                while st.bytes + len > self.limit {
+                    match st.evict_oldest_message() {
+                        Some(evicted) => self.count_drop(evicted, DropReason::BufferFullOldest),
+                        None => break,
+                    }
+                }
+                if st.bytes + len > self.limit {
+                    // Only control and held frames are left, or the frame alone exceeds the limit.
+                    self.count_drop(ns, DropReason::BufferFullNewest);
+                    self.publish_size(st);
+                    return Err((Push::Dropped, None));
+                }
+                Ok(())
+            }
+            SlowConsumerPolicy::Disconnect => {
+                self.count_drop(ns, DropReason::SlowConsumer);
+                let waker = self.begin_close(st, CloseCode::SLOW_CONSUMER, true);
+                Err((Push::Dropped, waker))
+            }
+        }
     }
 
     /// Queues a control frame (ack, error, pong, ping). Returns false once the connection is
@@ -268,34 +449,43 @@ impl OutboundQueue {
         }
     }
 
-    /// Hands the next frame to the socket.
-    fn poll_frame(&self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+    /// Hands the next frame to the socket, releasing held frames that are due.
+    fn next_frame(&self, cx: &mut Context<'_>) -> Next {
         let mut st = self.state.lock();
         if st.phase == Phase::Finished {
-            return Poll::Ready(None);
+            return Next::End;
         }
-        if let Some(queued) = st.frames.pop_front() {
-            let now = Instant::now();
-            st.bytes -= queued.bytes.len();
-            self.stats
-                .sent_bytes
-                .fetch_add(queued.bytes.len() as u64, Ordering::Relaxed);
-            self.stats
-                .wait
-                .observe(now.saturating_duration_since(queued.queued_at));
-            match queued.kind {
-                Kind::Message(_) => {}
-                Kind::Control => st.control_bytes -= queued.bytes.len(),
+        let now = Instant::now();
+        let next_due = st.release_due(now);
+        while let Some(queued) = st.frames.pop_front() {
+            let index = st.head;
+            st.head += 1;
+            let len = queued.bytes.len();
+            match &queued.kind {
+                Kind::Evicted => continue,
+                Kind::Message { latest: None, .. } => {}
+                Kind::Message {
+                    latest: Some(topic),
+                    ..
+                } => st.taken_latest(topic, index, now),
+                Kind::Control => st.control_bytes -= len,
                 Kind::Close => {
-                    st.control_bytes -= queued.bytes.len();
+                    st.control_bytes -= len;
                     if let Phase::Closing { close_sent, .. } = &mut st.phase {
                         *close_sent = true;
                     }
                 }
             }
+            st.bytes -= len;
+            self.stats
+                .sent_bytes
+                .fetch_add(len as u64, Ordering::Relaxed);
+            self.stats
+                .wait
+                .observe(now.saturating_duration_since(queued.queued_at));
             st.progress_at = now;
             self.publish_size(&st);
-            return Poll::Ready(Some(queued.bytes));
+            return Next::Frame(queued.bytes);
         }
         if let Phase::Closing {
             close_sent: true,
@@ -304,12 +494,12 @@ impl OutboundQueue {
         } = st.phase
         {
             st.phase = Phase::Finished;
-            return Poll::Ready(None);
+            return Next::End;
         }
         if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             st.waker = Some(cx.waker().clone());
         }
-        Poll::Pending
+        Next::Wait(next_due)
     }
 
     fn enqueue(
@@ -323,7 +513,7 @@ impl OutboundQueue {
             st.progress_at = now;
         }
         st.bytes += bytes.len();
-        if !matches!(kind, Kind::Message(_)) {
+        if !matches!(kind, Kind::Message { .. }) {
             st.control_bytes += bytes.len();
         }
         st.frames.push_back(Queued {
@@ -353,13 +543,20 @@ impl OutboundQueue {
         )
     }
 
-    /// Empties the queue, counting the messages in it as dropped for `reason`.
+    /// Empties the queue and the held frames, counting the messages as dropped for `reason`.
     fn discard(&self, st: &mut QueueState, reason: DropReason) {
         for queued in st.frames.drain(..) {
-            if let Kind::Message(ns) = queued.kind {
+            if let Kind::Message { ns, .. } = queued.kind {
                 self.count_drop(ns, reason);
             }
         }
+        for slot in st.latest.values_mut() {
+            if let Some(held) = slot.held.take() {
+                self.count_drop(held.ns, reason);
+            }
+        }
+        st.latest.clear();
+        st.due.clear();
         st.bytes = 0;
         st.control_bytes = 0;
         self.publish_size(st);
@@ -370,6 +567,11 @@ impl OutboundQueue {
         self.metrics.dropped(ns, reason, 1);
     }
 
+    fn count_conflated(&self, ns: Ns) {
+        self.stats.conflated.fetch_add(1, Ordering::Relaxed);
+        self.metrics.dropped(ns, DropReason::Conflated, 1);
+    }
+
     fn publish_size(&self, st: &QueueState) {
         self.stats.buffered.store(st.bytes, Ordering::Relaxed);
         self.stats.high_water.fetch_max(st.bytes, Ordering::Relaxed);
@@ -377,18 +579,93 @@ impl OutboundQueue {
 }
 
 impl QueueState {
-    /// Removes the oldest message frame and returns its namespace; None if there is none.
-    fn remove_oldest_message(&mut self) -> Option<Ns> {
-        let i = self
+    /// Marks the oldest waiting message frame evicted; returns its namespace, None if there is none.
+    fn evict_oldest_message(&mut self) -> Option<Ns> {
+        let position = self
             .frames
             .iter()
-            .position(|q| matches!(q.kind, Kind::Message(_)))?;
-        let removed = self.frames.remove(i)?;
-        self.bytes -= removed.bytes.len();
-        match removed.kind {
-            Kind::Message(ns) => Some(ns),
-            _ => None,
+            .position(|q| matches!(q.kind, Kind::Message { .. }))?;
+        let index = self.head + position as u64;
+        let victim = &mut self.frames[position];
+        let Kind::Message { ns, latest } = std::mem::replace(&mut victim.kind, Kind::Evicted)
+        else {
+            return None;
+        };
+        self.bytes -= victim.bytes.len();
+        victim.bytes = Bytes::new();
+        if let Some(slot) = latest.and_then(|topic| self.latest.get_mut(&topic))
+            && slot.queued == Some(index)
+        {
+            slot.queued = None;
         }
+        Some(ns)
+    }
+
+    /// The socket took `topic`'s frame at `index`: its next one may follow after the interval.
+    fn taken_latest(&mut self, topic: &Arc<str>, index: u64, now: Instant) {
+        let Some(slot) = self.latest.get_mut(topic) else {
+            return;
+        };
+        if slot.queued == Some(index) {
+            slot.queued = None;
+        }
+        slot.next_at = slot.min_interval.map(|interval| now + interval);
+        if slot.queued.is_none() && slot.held.is_none() && slot.next_at.is_none() {
+            self.latest.remove(topic);
+        }
+    }
+
+    /// Moves held frames that are due into the queue; returns when the next one is due.
+    fn release_due(&mut self, now: Instant) -> Option<Instant> {
+        while let Some(Reverse((due, _))) = self.due.peek() {
+            if *due > now {
+                return Some(*due);
+            }
+            let Some(Reverse((_, topic))) = self.due.pop() else {
+                break;
+            };
+            let Some(slot) = self.latest.get_mut(&topic) else {
+                continue;
+            };
+            let Some(held) = slot.held.take() else {
+                continue;
+            };
+            let index = self.head + self.frames.len() as u64;
+            slot.queued = Some(index);
+            if self.frames.is_empty() {
+                self.progress_at = now;
+            }
+            // Its bytes were counted when it was held.
+            self.frames.push_back(Queued {
+                bytes: held.bytes,
+                kind: Kind::Message {
+                    ns: held.ns,
+                    latest: Some(topic),
+                },
+                queued_at: held.queued_at,
+            });
+        }
+        if self.latest.len() > IDLE_SLOTS_KEPT {
+            self.latest.retain(|_, slot| {
+                slot.queued.is_some()
+                    || slot.held.is_some()
+                    || slot.next_at.is_some_and(|at| at > now)
+            });
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+impl OutboundQueue {
+    /// Everything ready to go out now, as the socket would take it.
+    pub(crate) fn drain_ready(&self) -> Vec<Bytes> {
+        let mut cx = Context::from_waker(Waker::noop());
+        std::iter::from_fn(|| match self.next_frame(&mut cx) {
+            Next::Frame(bytes) => Some(bytes),
+            _ => None,
+        })
+        .collect()
     }
 }
 
@@ -401,6 +678,8 @@ fn wake(waker: Option<Waker>) {
 /// The body of a WebSocket's 101 response: the connection's outbound frames.
 pub(crate) struct OutboundBody {
     conn: Arc<Connection>,
+    /// Wakes the body when a frame held for a rate slot is due.
+    timer: Option<(Instant, Pin<Box<tokio::time::Sleep>>)>,
     /// actix-ws's own body, never polled. actix-ws's `MessageStream` (the read side) keeps reading
     /// only while this exists, which is exactly as long as the socket is ours.
     _ws_body: BoxBody,
@@ -410,6 +689,7 @@ impl OutboundBody {
     pub(crate) fn new(conn: Arc<Connection>, ws_body: BoxBody) -> Self {
         OutboundBody {
             conn,
+            timer: None,
             _ws_body: ws_body,
         }
     }
@@ -426,7 +706,33 @@ impl MessageBody for OutboundBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Bytes, Self::Error>>> {
-        self.conn.queue.poll_frame(cx).map(|frame| frame.map(Ok))
+        let this = self.get_mut();
+        loop {
+            match this.conn.queue.next_frame(cx) {
+                Next::Frame(bytes) => return Poll::Ready(Some(Ok(bytes))),
+                Next::End => return Poll::Ready(None),
+                Next::Wait(None) => return Poll::Pending,
+                Next::Wait(Some(due)) => {
+                    let deadline = tokio::time::Instant::from_std(due);
+                    match &mut this.timer {
+                        Some((at, sleep)) if *at != due => {
+                            sleep.as_mut().reset(deadline);
+                            *at = due;
+                        }
+                        Some(_) => {}
+                        None => {
+                            this.timer = Some((due, Box::pin(tokio::time::sleep_until(deadline))))
+                        }
+                    }
+                    if let Some((_, sleep)) = &mut this.timer
+                        && sleep.as_mut().poll(cx).is_pending()
+                    {
+                        return Poll::Pending;
+                    }
+                    // Due already: release it on the next round.
+                }
+            }
+        }
     }
 }
 
@@ -457,7 +763,133 @@ mod tests {
     }
 
     fn poll(queue: &OutboundQueue) -> Poll<Option<Bytes>> {
-        queue.poll_frame(&mut Context::from_waker(Waker::noop()))
+        match queue.next_frame(&mut Context::from_waker(Waker::noop())) {
+            Next::Frame(bytes) => Poll::Ready(Some(bytes)),
+            Next::End => Poll::Ready(None),
+            Next::Wait(_) => Poll::Pending,
+        }
+    }
+
+    fn latest(
+        q: &OutboundQueue,
+        topic: &Arc<str>,
+        frame: &'static [u8],
+        interval: Option<Duration>,
+    ) -> Push {
+        let ns = q.metrics.namespace(topic);
+        q.push_latest(
+            Bytes::from_static(frame),
+            topic,
+            ns,
+            Instant::now(),
+            interval,
+        )
+    }
+
+    fn drain(q: &OutboundQueue) -> Vec<Bytes> {
+        std::iter::from_fn(|| match poll(q) {
+            Poll::Ready(Some(b)) => Some(b),
+            _ => None,
+        })
+        .collect()
+    }
+
+    #[test]
+    fn latest_keeps_one_frame_per_topic_in_its_place() {
+        let q = queue(1000, SlowConsumerPolicy::DropOldest);
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        assert_eq!(latest(&q, &a, b"a1", None), Push::Queued);
+        assert_eq!(latest(&q, &b, b"b1", None), Push::Queued);
+        assert_eq!(latest(&q, &a, b"a2", None), Push::Conflated);
+        assert_eq!(latest(&q, &a, b"a3!", None), Push::Conflated);
+        push(&q, Bytes::from_static(b"all"));
+        assert_eq!(q.stats().buffered_bytes(), 3 + 2 + 3);
+        assert_eq!(q.stats().conflated(), 2);
+        assert_eq!(drain(&q), vec![&b"a3!"[..], b"b1", b"all"]);
+        // Once taken, the next one queues again.
+        assert_eq!(latest(&q, &a, b"a4", None), Push::Queued);
+        assert_eq!(drain(&q), vec![&b"a4"[..]]);
+        assert!(
+            q.metrics.render().contains(
+                r#"crier_messages_dropped_total{namespace="other",reason="conflated"} 2"#
+            )
+        );
+    }
+
+    #[test]
+    fn an_evicted_latest_frame_leaves_room_for_the_next() {
+        let q = queue(10, SlowConsumerPolicy::DropOldest);
+        let a: Arc<str> = "a".into();
+        assert_eq!(latest(&q, &a, b"aaaaaa", None), Push::Queued);
+        assert_eq!(
+            push(&q, Bytes::from_static(b"xxxxxx")),
+            Push::Queued,
+            "evicts the latest frame"
+        );
+        assert_eq!(
+            latest(&q, &a, b"aa", None),
+            Push::Queued,
+            "queued anew, not conflated"
+        );
+        assert_eq!(drain(&q), vec![&b"xxxxxx"[..], b"aa"]);
+    }
+
+    #[test]
+    fn a_frame_held_past_its_slot_never_follows_a_newer_one() {
+        let q = queue(1000, SlowConsumerPolicy::DropOldest);
+        let a: Arc<str> = "a".into();
+        let interval = Some(Duration::from_millis(20));
+        latest(&q, &a, b"1", interval);
+        assert_eq!(drain(&q), vec![&b"1"[..]]);
+        assert_eq!(latest(&q, &a, b"2", interval), Push::Queued, "held");
+        // The slot opens, but nothing has released the held frame yet.
+        std::thread::sleep(Duration::from_millis(25));
+        assert_eq!(
+            latest(&q, &a, b"3", interval),
+            Push::Conflated,
+            "the held one is stale"
+        );
+        assert_eq!(drain(&q), vec![&b"3"[..]]);
+        assert_eq!(q.stats().buffered_bytes(), 0);
+    }
+
+    #[test]
+    fn max_rate_holds_the_freshest_frame_until_its_slot() {
+        let q = queue(1000, SlowConsumerPolicy::DropOldest);
+        let a: Arc<str> = "a".into();
+        let interval = Some(Duration::from_millis(50));
+        assert_eq!(latest(&q, &a, b"1", interval), Push::Queued);
+        assert_eq!(drain(&q), vec![&b"1"[..]]);
+        assert_eq!(latest(&q, &a, b"2", interval), Push::Queued, "held");
+        assert_eq!(
+            latest(&q, &a, b"3", interval),
+            Push::Conflated,
+            "replaces the held one"
+        );
+        assert_eq!(
+            q.stats().buffered_bytes(),
+            1,
+            "held bytes count as buffered"
+        );
+        let Next::Wait(Some(due)) = q.next_frame(&mut Context::from_waker(Waker::noop())) else {
+            panic!("a held frame should be due later");
+        };
+        assert!(due > Instant::now());
+        std::thread::sleep(due - Instant::now());
+        assert_eq!(
+            drain(&q),
+            vec![&b"3"[..]],
+            "the last value goes out at its slot"
+        );
+        assert_eq!(q.stats().buffered_bytes(), 0);
+        // Held frames that never went out are counted when the connection ends.
+        latest(&q, &a, b"4", interval);
+        q.finish();
+        assert!(
+            q.metrics
+                .render()
+                .contains(r#"crier_messages_dropped_total{namespace="other",reason="closed"} 1"#)
+        );
     }
 
     fn msg(n: usize) -> Bytes {
