@@ -68,6 +68,7 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
     .service(resource("/api/topics/{topic}").route(web::post().to(publish_one)))
     .service(resource("/api/publish").route(web::post().to(publish_batch)))
     .service(resource("/api/topics").route(web::get().to(list_topics)))
+    .service(resource("/api/topics/{topic}/history").route(web::get().to(topic_history)))
     .service(resource("/api/connections").route(web::get().to(list_connections)))
     .service(resource("/healthz").route(web::get().to(healthz)))
     .service(resource("/readyz").route(web::get().to(readyz)))
@@ -261,6 +262,57 @@ async fn list_topics(query: web::Query<Limit>, broker: web::Data<Broker>) -> Htt
     HttpResponse::Ok().json(json!({ "topics": topics }))
 }
 
+#[derive(Deserialize)]
+struct HistoryQuery {
+    since: Option<u64>,
+    limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct HistoryMessage {
+    seq: u64,
+    data: Box<serde_json::value::RawValue>,
+}
+
+/// `GET /api/topics/{topic}/history?since=SEQ&limit=N`: the messages after `since` that the
+/// topic's history holds, oldest first, as a subscribe with `since` would replay them.
+async fn topic_history(
+    topic: web::Path<String>,
+    query: web::Query<HistoryQuery>,
+    broker: web::Data<Broker>,
+) -> Result<HttpResponse, ApiError> {
+    check_topic(&topic)?;
+    let since = query.since.unwrap_or(0);
+    let page = broker
+        .engine
+        .history(&topic, since, query.limit.unwrap_or(usize::MAX))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no topic {topic:?}"),
+            )
+        })?;
+    let messages: Vec<HistoryMessage> = page
+        .messages
+        .iter()
+        .map(|(seq, data)| HistoryMessage {
+            seq: *seq,
+            data: data.to_json(),
+        })
+        .collect();
+    // Like a subscribe's `recovered`: whether every message after `since` is here.
+    let complete = since >= page.seq || page.oldest.is_some_and(|oldest| oldest <= since + 1);
+    Ok(HttpResponse::Ok().json(json!({
+        "topic": topic.into_inner(),
+        "epoch": page.epoch,
+        "seq": page.seq,
+        "oldest": page.oldest,
+        "complete": complete,
+        "messages": messages,
+    })))
+}
+
 #[derive(Serialize)]
 struct ConnectionInfo {
     id: String,
@@ -270,6 +322,7 @@ struct ConnectionInfo {
     buffered_bytes: usize,
     buffered_high_water: usize,
     dropped: u64,
+    conflated: u64,
     connected_since: String,
 }
 
@@ -288,6 +341,7 @@ async fn list_connections(query: web::Query<Limit>, broker: web::Data<Broker>) -
                 buffered_bytes: stats.buffered_bytes(),
                 buffered_high_water: stats.high_water(),
                 dropped: stats.dropped(),
+                conflated: stats.conflated(),
                 connected_since: humantime::format_rfc3339_millis(c.connected_at).to_string(),
             }
         })

@@ -40,7 +40,7 @@ impl Broker {
                 broker.clone(),
             ));
             Broker {
-                engine: Box::new(TopicRegistry::new(config.topic_ttl, metrics.clone())),
+                engine: Box::new(TopicRegistry::new(&config, metrics.clone())),
                 metrics,
                 connections: DashMap::new(),
                 limits,

@@ -83,6 +83,24 @@ pub struct Config {
     #[arg(long, env = "CRIER_TOPIC_TTL", default_value = "5m", value_parser = parse_duration)]
     pub topic_ttl: Duration,
 
+    /// Messages each topic keeps for recovery and rewind (0 turns history off).
+    #[arg(long, env = "CRIER_HISTORY_SIZE", default_value_t = 100)]
+    pub history_size: usize,
+
+    /// How long a message stays in its topic's history (0 turns history off).
+    #[arg(long, env = "CRIER_HISTORY_TTL", default_value = "5m", value_parser = parse_duration)]
+    pub history_ttl: Duration,
+
+    /// Cap on the bytes all histories hold together; the oldest messages go first.
+    #[arg(long, env = "CRIER_HISTORY_MAX_BYTES", default_value = "64MiB", value_parser = parse_bytes)]
+    pub history_max_bytes: usize,
+
+    /// Per socket: how many bytes may wait unsent in the kernel (TCP_NOTSENT_LOWAT; 0 leaves the
+    /// OS default). Bytes past this wait in Crier's queue instead, where they count in
+    /// `buffered_bytes` and `latest` subscriptions can still replace them with fresher ones.
+    #[arg(long, env = "CRIER_SOCKET_UNSENT_BYTES", default_value = "16KiB", value_parser = parse_bytes)]
+    pub socket_unsent_bytes: usize,
+
     /// On SIGINT/SIGTERM: how long connections get to flush and close (1001) before the process exits.
     #[arg(long, env = "CRIER_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -141,6 +159,11 @@ impl Config {
     /// Largest WebSocket message accepted from a client: the data limit plus room for the envelope.
     /// A frame above it closes the connection with 1009; data above `max_message_bytes` in a
     /// frame under it gets a `payload_too_large` error instead.
+    /// Whether topics keep a history.
+    pub(crate) fn history_enabled(&self) -> bool {
+        self.history_size > 0 && !self.history_ttl.is_zero()
+    }
+
     pub(crate) fn max_frame_bytes(&self) -> usize {
         self.max_message_bytes.saturating_add(FRAME_ENVELOPE_BYTES)
     }

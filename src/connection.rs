@@ -19,6 +19,7 @@ use actix_ws::{AggregatedMessage, ProtocolError};
 use parking_lot::Mutex;
 
 use crate::broker::Broker;
+use crate::engine::{SubscribeOptions, Subscribed};
 use crate::frame::{
     self, CloseCode, Encoding, ErrorCode, FrameError, FrameId, Op, Request, ServerFrame,
 };
@@ -159,7 +160,12 @@ impl ConnectionActor {
 
     fn ack(&self, id: Option<&FrameId>, seq: Option<u64>) {
         if let Some(id) = id {
-            self.reply(&ServerFrame::Ack { id, seq });
+            self.reply(&ServerFrame::Ack {
+                id,
+                seq,
+                epoch: None,
+                recovered: None,
+            });
         }
     }
 
@@ -170,10 +176,11 @@ impl ConnectionActor {
         };
         let id = request.id;
         match request.op {
-            Op::Subscribe { subject } => match self.subscribe(subject) {
-                Ok(()) => self.ack(id.as_ref(), None),
-                Err((code, message)) => self.reply_error(&FrameError::new(id, code, message)),
-            },
+            Op::Subscribe { subject, options } => {
+                if let Err((code, message)) = self.subscribe(subject, &options, id.as_ref()) {
+                    self.reply_error(&FrameError::new(id, code, message));
+                }
+            }
             Op::Unsubscribe { subject } => {
                 if self.subscriptions.remove(&subject) {
                     self.broker.engine.unsubscribe(&self.conn, &subject);
@@ -200,18 +207,39 @@ impl ConnectionActor {
         }
     }
 
-    fn subscribe(&mut self, subject: Subject) -> Result<(), (ErrorCode, String)> {
-        if self.subscriptions.contains(&subject) {
-            return Ok(());
-        }
+    /// Subscribes (or changes an existing subscription's options). The ack, when `id` is given,
+    /// is queued by the engine before any replayed or live message of the subscription.
+    fn subscribe(
+        &mut self,
+        subject: Subject,
+        options: &SubscribeOptions,
+        id: Option<&FrameId>,
+    ) -> Result<(), (ErrorCode, String)> {
         let limit = self.broker.config.max_subscriptions;
-        if self.subscriptions.len() >= limit {
+        if !self.subscriptions.contains(&subject) && self.subscriptions.len() >= limit {
             return Err((
                 ErrorCode::TooManySubscriptions,
                 format!("this connection already has {limit} subscriptions, the limit"),
             ));
         }
-        self.broker.engine.subscribe(&self.conn, &subject);
+        let conn = &self.conn;
+        let mut acknowledge = |subscribed: &Subscribed| {
+            let Some(id) = id else { return };
+            let (epoch, seq) = match &subscribed.stream {
+                Some((epoch, seq)) => (Some(&**epoch), Some(*seq)),
+                None => (None, None),
+            };
+            let ack = ServerFrame::Ack {
+                id,
+                seq,
+                epoch,
+                recovered: subscribed.recovered,
+            };
+            conn.queue.push_control(frame::encode(conn.encoding, &ack));
+        };
+        self.broker
+            .engine
+            .subscribe(&self.conn, &subject, options, &mut acknowledge);
         self.subscriptions.insert(subject);
         self.conn
             .subscriptions
@@ -285,7 +313,7 @@ impl Actor for ConnectionActor {
         ctx.run_interval(period, |actor, ctx| actor.heartbeat(ctx));
         for subject in std::mem::take(&mut self.initial) {
             // Checked against the limits before the upgrade was accepted.
-            let _ = self.subscribe(subject);
+            let _ = self.subscribe(subject, &SubscribeOptions::default(), None);
         }
     }
 

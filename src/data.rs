@@ -105,6 +105,18 @@ impl Data {
     }
 }
 
+impl Data {
+    /// The data as JSON text (for HTTP responses).
+    pub(crate) fn to_json(&self) -> Box<serde_json::value::RawValue> {
+        let mut out = Vec::with_capacity(self.len());
+        self.write_json(&mut out);
+        String::from_utf8(out)
+            .ok()
+            .and_then(|s| serde_json::value::RawValue::from_string(s).ok())
+            .unwrap_or_else(|| serde_json::value::RawValue::NULL.to_owned())
+    }
+}
+
 /// Serializes a MessagePack value the way JSON subscribers see it.
 struct JsonView<'a, 'v>(&'a ValueRef<'v>);
 

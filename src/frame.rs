@@ -7,12 +7,14 @@
 
 use std::fmt;
 use std::io::Write as _;
+use std::time::Duration;
 
 use actix_http::ws::OpCode;
 use bytes::Bytes;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::data::Data;
+use crate::engine::{DeliveryMode, Replay, SubscribeOptions};
 use crate::topic::{self, Subject};
 
 /// A wire encoding, chosen per connection.
@@ -180,9 +182,17 @@ pub(crate) struct Request {
 
 #[derive(Debug)]
 pub(crate) enum Op {
-    Subscribe { subject: Subject },
-    Unsubscribe { subject: Subject },
-    Publish { topic: String, data: Data },
+    Subscribe {
+        subject: Subject,
+        options: SubscribeOptions,
+    },
+    Unsubscribe {
+        subject: Subject,
+    },
+    Publish {
+        topic: String,
+        data: Data,
+    },
     Ping,
 }
 
@@ -216,6 +226,35 @@ struct RawFrame<D> {
     /// `Some` whenever the field is present, even when it is `null`.
     #[serde(default, deserialize_with = "present")]
     data: Option<D>,
+    #[serde(default)]
+    since: Option<RawSince>,
+    #[serde(default)]
+    rewind: Option<u64>,
+    #[serde(default)]
+    mode: Option<String>,
+    #[serde(default)]
+    max_rate: Option<f64>,
+}
+
+#[derive(Deserialize)]
+struct RawSince {
+    epoch: String,
+    seq: u64,
+}
+
+impl<D> RawFrame<D> {
+    fn map_data(self, f: impl FnOnce(D) -> Data) -> RawFrame<Data> {
+        RawFrame {
+            op: self.op,
+            id: self.id,
+            topic: self.topic,
+            data: self.data.map(f),
+            since: self.since,
+            rewind: self.rewind,
+            mode: self.mode,
+            max_rate: self.max_rate,
+        }
+    }
 }
 
 fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
@@ -240,10 +279,7 @@ pub(crate) fn parse_json(text: &str) -> Result<Request, FrameError> {
     }
     match serde_json::from_str::<RawFrame<&serde_json::value::RawValue>>(text) {
         Ok(raw) => {
-            let data = raw
-                .data
-                .map(|d| Data::Json(Bytes::copy_from_slice(d.get().as_bytes())));
-            validate(raw.op, raw.id, raw.topic, data)
+            validate(raw.map_data(|d| Data::Json(Bytes::copy_from_slice(d.get().as_bytes()))))
         }
         Err(e) => {
             let id = serde_json::from_str::<IdOnly>(text).ok().and_then(|f| f.id);
@@ -267,10 +303,7 @@ pub(crate) fn parse_msgpack(bytes: &[u8]) -> Result<Request, FrameError> {
         ));
     }
     match rmp_serde::from_slice::<RawFrame<rmpv::Value>>(bytes) {
-        Ok(raw) => {
-            let data = raw.data.as_ref().map(Data::from_msgpack_value);
-            validate(raw.op, raw.id, raw.topic, data)
-        }
+        Ok(raw) => validate(raw.map_data(|d| Data::from_msgpack_value(&d))),
         Err(e) => {
             let id = rmp_serde::from_slice::<IdOnly>(bytes)
                 .ok()
@@ -284,28 +317,28 @@ pub(crate) fn parse_msgpack(bytes: &[u8]) -> Result<Request, FrameError> {
     }
 }
 
-fn validate(
-    op: String,
-    id: Option<FrameId>,
-    topic: Option<String>,
-    data: Option<Data>,
-) -> Result<Request, FrameError> {
-    let needs_topic = |topic: Option<String>| {
-        topic.ok_or_else(|| {
-            FrameError::new(
-                id.clone(),
-                ErrorCode::BadFrame,
-                format!("{op} needs a topic"),
-            )
-        })
-    };
+fn validate(raw: RawFrame<Data>) -> Result<Request, FrameError> {
+    let RawFrame {
+        op,
+        id,
+        topic,
+        data,
+        ..
+    } = raw;
+    let bad = |message: String| FrameError::new(id.clone(), ErrorCode::BadFrame, message);
+    let needs_topic =
+        |topic: Option<String>| topic.ok_or_else(|| bad(format!("{op} needs a topic")));
     let subject = |topic: &str| {
         Subject::parse(topic).map_err(|e| FrameError::new(id.clone(), ErrorCode::InvalidTopic, e.0))
     };
     let op = match op.as_str() {
-        "subscribe" => Op::Subscribe {
-            subject: subject(&needs_topic(topic)?)?,
-        },
+        "subscribe" => {
+            let subject = subject(&needs_topic(topic)?)?;
+            let options =
+                subscribe_options(&subject, raw.since, raw.rewind, raw.mode, raw.max_rate)
+                    .map_err(bad)?;
+            Op::Subscribe { subject, options }
+        }
         "unsubscribe" => Op::Unsubscribe {
             subject: subject(&needs_topic(topic)?)?,
         },
@@ -313,9 +346,7 @@ fn validate(
             let topic = needs_topic(topic)?;
             topic::validate_topic(&topic)
                 .map_err(|e| FrameError::new(id.clone(), ErrorCode::InvalidTopic, e.0))?;
-            let data = data.ok_or_else(|| {
-                FrameError::new(id.clone(), ErrorCode::BadFrame, "publish needs data")
-            })?;
+            let data = data.ok_or_else(|| bad("publish needs data".into()))?;
             Op::Publish { topic, data }
         }
         "ping" => Op::Ping,
@@ -330,6 +361,50 @@ fn validate(
     };
     Ok(Request { id, op })
 }
+
+fn subscribe_options(
+    subject: &Subject,
+    since: Option<RawSince>,
+    rewind: Option<u64>,
+    mode: Option<String>,
+    max_rate: Option<f64>,
+) -> Result<SubscribeOptions, String> {
+    let replay = match (since, rewind) {
+        (Some(_), Some(_)) => return Err("use since or rewind, not both".into()),
+        (Some(_), None) if matches!(subject, Subject::Pattern(_)) => {
+            return Err("since needs an exact topic: a pattern spans several streams".into());
+        }
+        (Some(since), None) => Replay::Since {
+            epoch: since.epoch,
+            seq: since.seq,
+        },
+        (None, Some(n)) => Replay::Rewind(usize::try_from(n).unwrap_or(usize::MAX)),
+        (None, None) => Replay::None,
+    };
+    let mode = match (mode.as_deref(), max_rate) {
+        (None | Some("all"), None) => DeliveryMode::All,
+        (None | Some("all"), Some(_)) => return Err("max_rate needs \"mode\":\"latest\"".into()),
+        (Some("latest"), None) => DeliveryMode::Latest { min_interval: None },
+        (Some("latest"), Some(rate)) if rate.is_finite() && rate > 0.0 => DeliveryMode::Latest {
+            min_interval: Some(Duration::from_secs_f64(
+                (1.0 / rate).min(MAX_RATE_INTERVAL_SECS),
+            )),
+        },
+        (Some("latest"), Some(rate)) => {
+            return Err(format!(
+                "max_rate must be a positive number of updates per second, not {rate}"
+            ));
+        }
+        (Some(other), _) => {
+            let shown: String = other.chars().take(32).collect();
+            return Err(format!("unknown mode {shown:?}; expected all or latest"));
+        }
+    };
+    Ok(SubscribeOptions { mode, replay })
+}
+
+/// A `max_rate` below one update a day is treated as one a day.
+const MAX_RATE_INTERVAL_SECS: f64 = 86_400.0;
 
 /// The limits a client should know about, sent in `welcome`.
 #[derive(Debug, Clone, Serialize)]
@@ -355,8 +430,15 @@ pub(crate) enum ServerFrame<'a> {
     },
     Ack {
         id: &'a FrameId,
+        /// For publish: the message's seq. For subscribe to a topic: the topic's latest seq.
         #[serde(skip_serializing_if = "Option::is_none")]
         seq: Option<u64>,
+        /// For subscribe to a topic: the stream's epoch.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<&'a str>,
+        /// For subscribe with `since`: whether nothing was missed.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
     },
     Pong {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -465,6 +547,21 @@ fn finish_frame(opcode: OpCode, mut buf: Vec<u8>) -> Bytes {
     Bytes::from(buf).slice(start..)
 }
 
+/// A server frame's payload decoded into JSON, for tests.
+#[cfg(test)]
+pub(crate) fn decode_for_test(frame: &Bytes) -> serde_json::Value {
+    let header = match frame[1] & 0x7f {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    match frame[0] & 0x0f {
+        0x1 => serde_json::from_slice(&frame[header..]).expect("JSON frame"),
+        0x2 => rmp_serde::from_slice(&frame[header..]).expect("MessagePack frame"),
+        op => serde_json::json!({ "control": op }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -528,6 +625,8 @@ mod tests {
             &ServerFrame::Ack {
                 id: &id,
                 seq: Some(9),
+                epoch: None,
+                recovered: None,
             },
         );
         let value: serde_json::Value = rmp_serde::from_slice(payload_of(&frame)).unwrap();
@@ -548,7 +647,8 @@ mod tests {
         assert!(matches!(
             r.op,
             Op::Subscribe {
-                subject: Subject::Pattern(_)
+                subject: Subject::Pattern(_),
+                ..
             }
         ));
 
@@ -556,6 +656,55 @@ mod tests {
         let r = parse_msgpack(&frame).unwrap();
         assert_eq!(r.id, Some(FrameId::Num(7)));
         assert!(matches!(r.op, Op::Ping));
+    }
+
+    #[test]
+    fn subscribe_options_parse() {
+        let opts = |text: &str| match parse_json(text).unwrap().op {
+            Op::Subscribe { options, .. } => options,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            opts(r#"{"op":"subscribe","topic":"t"}"#),
+            SubscribeOptions::default()
+        );
+        assert_eq!(
+            opts(r#"{"op":"subscribe","topic":"t","since":{"epoch":"e1","seq":41}}"#).replay,
+            Replay::Since {
+                epoch: "e1".into(),
+                seq: 41
+            }
+        );
+        assert_eq!(
+            opts(r#"{"op":"subscribe","topic":"t.*","rewind":1}"#).replay,
+            Replay::Rewind(1)
+        );
+        assert_eq!(
+            opts(r#"{"op":"subscribe","topic":"t","mode":"latest","max_rate":5}"#).mode,
+            DeliveryMode::Latest {
+                min_interval: Some(Duration::from_millis(200))
+            }
+        );
+        assert_eq!(
+            opts(r#"{"op":"subscribe","topic":"t","mode":"all"}"#).mode,
+            DeliveryMode::All
+        );
+        for bad in [
+            r#"{"op":"subscribe","topic":"t.*","since":{"epoch":"e","seq":1}}"#,
+            r#"{"op":"subscribe","topic":"t","since":{"epoch":"e","seq":1},"rewind":2}"#,
+            r#"{"op":"subscribe","topic":"t","since":{"epoch":"e"}}"#,
+            r#"{"op":"subscribe","topic":"t","since":{"epoch":"e","seq":-1}}"#,
+            r#"{"op":"subscribe","topic":"t","rewind":-1}"#,
+            r#"{"op":"subscribe","topic":"t","rewind":"all"}"#,
+            r#"{"op":"subscribe","topic":"t","max_rate":5}"#,
+            r#"{"op":"subscribe","topic":"t","mode":"latest","max_rate":0}"#,
+            r#"{"op":"subscribe","topic":"t","mode":"latest","max_rate":-2}"#,
+            r#"{"op":"subscribe","topic":"t","mode":"latest","max_rate":"fast"}"#,
+            r#"{"op":"subscribe","topic":"t","mode":"newest"}"#,
+        ] {
+            let err = parse_json(bad).unwrap_err();
+            assert_eq!(err.code, ErrorCode::BadFrame, "{bad}");
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@ mod connection;
 mod data;
 mod engine;
 mod frame;
+mod history;
 mod metrics;
 mod patterns;
 mod queue;

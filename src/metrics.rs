@@ -43,14 +43,17 @@ pub(crate) enum DropReason {
     SlowConsumer,
     /// Still queued when the connection ended.
     Closed,
+    /// Replaced by a newer message of the same topic (`latest` mode).
+    Conflated,
 }
 
 impl DropReason {
-    const ALL: [DropReason; 4] = [
+    const ALL: [DropReason; 5] = [
         DropReason::BufferFullOldest,
         DropReason::BufferFullNewest,
         DropReason::SlowConsumer,
         DropReason::Closed,
+        DropReason::Conflated,
     ];
 
     fn as_str(self) -> &'static str {
@@ -59,6 +62,30 @@ impl DropReason {
             DropReason::BufferFullNewest => "buffer_full_newest",
             DropReason::SlowConsumer => "slow_consumer",
             DropReason::Closed => "closed",
+            DropReason::Conflated => "conflated",
+        }
+    }
+}
+
+/// Why a message left a topic's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EvictReason {
+    /// The topic's history was full (`--history-size`).
+    Size,
+    /// Older than `--history-ttl`.
+    Ttl,
+    /// All histories together were over `--history-max-bytes`.
+    Memory,
+}
+
+impl EvictReason {
+    const ALL: [EvictReason; 3] = [EvictReason::Size, EvictReason::Ttl, EvictReason::Memory];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            EvictReason::Size => "size",
+            EvictReason::Ttl => "ttl",
+            EvictReason::Memory => "memory",
         }
     }
 }
@@ -140,6 +167,7 @@ pub(crate) struct Metrics {
     errors: [IntCounter; ErrorCode::ALL.len()],
     http_requests: IntCounterVec,
     fanout_seconds: Histogram,
+    history_evicted: [IntCounter; EvictReason::ALL.len()],
     /// Also held by a scrape while it sums live connections, so that a connection is counted
     /// either live or retired, never both or neither.
     retired: Mutex<Retired>,
@@ -288,6 +316,18 @@ impl Metrics {
         .expect("valid metric");
         reg(Box::new(fanout_seconds.clone()));
 
+        let evicted_vec = IntCounterVec::new(
+            opts(
+                "crier_history_evicted_total",
+                "Messages that left topic histories, by reason (size, ttl, memory).",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let history_evicted =
+            EvictReason::ALL.map(|r| evicted_vec.with_label_values(&[r.as_str()]));
+        reg(Box::new(evicted_vec));
+
         reg(Box::new(ConnectionCollector::new(
             broker,
             max_buffered_bytes,
@@ -313,6 +353,7 @@ impl Metrics {
             errors,
             http_requests,
             fanout_seconds,
+            history_evicted,
             retired: Mutex::new(Retired::default()),
         }
     }
@@ -348,6 +389,10 @@ impl Metrics {
         if count > 0 {
             self.dropped[usize::from(ns.0)][reason as usize].inc_by(count);
         }
+    }
+
+    pub(crate) fn history_evicted(&self, reason: EvictReason) {
+        self.history_evicted[reason as usize].inc();
     }
 
     pub(crate) fn received(&self, bytes: usize) {
@@ -391,7 +436,7 @@ struct ConnectionCollector {
     half_cap: usize,
 }
 
-const CONNECTION_FAMILIES: [(&str, &str); 10] = [
+const CONNECTION_FAMILIES: [(&str, &str); 12] = [
     (
         "crier_connections",
         "WebSocket connections open now, by encoding.",
@@ -428,6 +473,14 @@ const CONNECTION_FAMILIES: [(&str, &str); 10] = [
     (
         "crier_queue_wait_seconds",
         "Time frames waited in a connection's queue before its socket took them.",
+    ),
+    (
+        "crier_history_messages",
+        "Messages held in topic histories.",
+    ),
+    (
+        "crier_history_bytes",
+        "Bytes held in topic histories (data, encoded frames, bookkeeping).",
     ),
 ];
 
@@ -635,6 +688,18 @@ impl Collector for ConnectionCollector {
                     wait.count,
                     wait.sum_nanos as f64 / 1e9,
                 )],
+            ),
+            family(
+                name(10),
+                help(10),
+                MetricType::GAUGE,
+                vec![gauge(engine.history_messages as f64)],
+            ),
+            family(
+                name(11),
+                help(11),
+                MetricType::GAUGE,
+                vec![gauge(engine.history_bytes as f64)],
             ),
         ]
     }

@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::RwLock;
 
-use crate::connection::{Connection, ConnectionId};
+use crate::connection::ConnectionId;
+use crate::registry::Subscriber;
 
 #[derive(Default)]
 pub(crate) struct PatternIndex {
@@ -24,9 +25,9 @@ struct Node {
     literal: HashMap<Box<str>, Node>,
     star: Option<Box<Node>>,
     /// Subscribers whose pattern ends at this node.
-    here: Vec<Arc<Connection>>,
+    here: Vec<Subscriber>,
     /// Subscribers whose pattern ends with `>` after this node: one or more further segments.
-    rest: Vec<Arc<Connection>>,
+    rest: Vec<Subscriber>,
 }
 
 impl Node {
@@ -48,7 +49,7 @@ impl Node {
     /// Removes `conn` from the pattern `segments`; returns whether it was there.
     fn remove(&mut self, segments: &[&str], conn: ConnectionId) -> bool {
         let remove_from =
-            |list: &mut Vec<Arc<Connection>>| match list.iter().position(|c| c.id == conn) {
+            |list: &mut Vec<Subscriber>| match list.iter().position(|s| s.conn.id == conn) {
                 Some(i) => {
                     list.swap_remove(i);
                     true
@@ -82,7 +83,7 @@ impl Node {
         }
     }
 
-    fn collect(&self, segments: &[&str], out: &mut Vec<Arc<Connection>>) {
+    fn collect(&self, segments: &[&str], out: &mut Vec<Subscriber>) {
         let Some((first, rest)) = segments.split_first() else {
             out.extend(self.here.iter().cloned());
             return;
@@ -98,7 +99,8 @@ impl Node {
 }
 
 impl PatternIndex {
-    pub(crate) fn insert(&self, pattern: &str, conn: &Arc<Connection>) {
+    /// Adds a pattern subscription, or changes its mode if the connection already has it.
+    pub(crate) fn insert(&self, pattern: &str, subscriber: Subscriber) {
         let segments: Vec<&str> = pattern.split('.').collect();
         let Some((last, init)) = segments.split_last() else {
             return;
@@ -107,12 +109,18 @@ impl PatternIndex {
         for segment in init {
             node = node.child(segment);
         }
-        if *last == ">" {
-            node.rest.push(conn.clone());
+        let list = if *last == ">" {
+            &mut node.rest
         } else {
-            node.child(last).here.push(conn.clone());
+            &mut node.child(last).here
+        };
+        match list.iter_mut().find(|s| s.conn.id == subscriber.conn.id) {
+            Some(existing) => *existing = subscriber,
+            None => {
+                list.push(subscriber);
+                self.count.fetch_add(1, Ordering::Relaxed);
+            }
         }
-        self.count.fetch_add(1, Ordering::Relaxed);
         self.generation.fetch_add(1, Ordering::Release);
     }
 
@@ -134,17 +142,17 @@ impl PatternIndex {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// The connections with a pattern matching `topic`, each once, and the generation they were
-    /// computed at.
-    pub(crate) fn matching(&self, topic: &str) -> (u64, Arc<[Arc<Connection>]>) {
+    /// The subscribers with a pattern matching `topic`, each connection once (its first matching
+    /// pattern decides the mode), and the generation they were computed at.
+    pub(crate) fn matching(&self, topic: &str) -> (u64, Arc<[Subscriber]>) {
         let segments: Vec<&str> = topic.split('.').collect();
         let mut out = Vec::new();
         let root = self.root.read();
         let generation = self.generation();
         root.collect(&segments, &mut out);
         drop(root);
-        out.sort_unstable_by_key(|c| c.id);
-        out.dedup_by_key(|c| c.id);
+        out.sort_by_key(|s| s.conn.id);
+        out.dedup_by_key(|s| s.conn.id);
         (generation, out.into())
     }
 }
@@ -153,6 +161,8 @@ impl PatternIndex {
 mod tests {
     use super::*;
     use crate::config::SlowConsumerPolicy;
+    use crate::connection::Connection;
+    use crate::engine::DeliveryMode;
     use crate::frame::Encoding;
     use crate::queue::OutboundQueue;
 
@@ -174,17 +184,21 @@ mod tests {
     }
 
     fn ids(index: &PatternIndex, topic: &str) -> Vec<ConnectionId> {
-        index.matching(topic).1.iter().map(|c| c.id).collect()
+        index.matching(topic).1.iter().map(|s| s.conn.id).collect()
+    }
+
+    fn sub(conn: &Arc<Connection>) -> Subscriber {
+        Subscriber::new(conn.clone(), DeliveryMode::All)
     }
 
     #[test]
     fn finds_matching_patterns_once_per_connection() {
         let index = PatternIndex::default();
         let (a, b) = (conn(), conn());
-        index.insert("metrics.*", &a);
-        index.insert("metrics.>", &a);
-        index.insert("*.cpu", &b);
-        index.insert(">", &b);
+        index.insert("metrics.*", sub(&a));
+        index.insert("metrics.>", sub(&a));
+        index.insert("*.cpu", sub(&b));
+        index.insert(">", sub(&b));
         let mut both = vec![a.id, b.id];
         both.sort();
         assert_eq!(ids(&index, "metrics.cpu"), both);
@@ -221,7 +235,7 @@ mod tests {
         for (pattern, topic, expected) in cases {
             let index = PatternIndex::default();
             let c = conn();
-            index.insert(pattern, &c);
+            index.insert(pattern, sub(&c));
             assert_eq!(
                 !ids(&index, topic).is_empty(),
                 expected,
@@ -234,7 +248,7 @@ mod tests {
     fn removal_prunes_and_moves_the_generation() {
         let index = PatternIndex::default();
         let a = conn();
-        index.insert("a.*.c", &a);
+        index.insert("a.*.c", sub(&a));
         let before = index.generation();
         assert_eq!(ids(&index, "a.b.c"), vec![a.id]);
         index.remove("a.*.c", a.id);

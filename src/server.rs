@@ -16,6 +16,9 @@ use crate::broker::Broker;
 use crate::config::Config;
 use crate::ws;
 
+/// The HTTP layer's per-connection write buffer.
+const WRITE_BUFFER_BYTES: usize = 8 * 1024;
+
 /// A bound, not yet running Crier server.
 pub struct Server {
     broker: Arc<Broker>,
@@ -52,7 +55,10 @@ impl Server {
                 .configure(api::routes)
                 .default_service(web::to(api::not_found))
         })
-        .on_connect(ws::record_socket)
+        .on_connect(ws::on_accept(config.socket_unsent_bytes))
+        // What the HTTP layer copies out of a connection's queue before writing: kept small so
+        // that frames wait in the queue, counted and conflatable, rather than here.
+        .h1_write_buffer_size(WRITE_BUFFER_BYTES)
         .disable_signals()
         // Crier closes WebSockets itself within the grace period; this only bounds stragglers.
         .shutdown_timeout(config.shutdown_grace.as_secs().max(1));

@@ -84,6 +84,21 @@ fn is_topic_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '@')
 }
 
+/// Whether a (valid) pattern matches a (valid) topic.
+pub(crate) fn matches(pattern: &str, topic: &str) -> bool {
+    let mut topic_segments = topic.split('.');
+    for p in pattern.split('.') {
+        match (p, topic_segments.next()) {
+            (">", Some(_)) => return true,
+            (_, None) => return false,
+            ("*", Some(_)) => {}
+            (p, Some(t)) if p == t => {}
+            _ => return false,
+        }
+    }
+    topic_segments.next().is_none()
+}
+
 /// The first segment of a topic, which metrics may label.
 pub(crate) fn namespace(topic: &str) -> &str {
     topic.split('.').next().unwrap_or(topic)
@@ -138,6 +153,25 @@ mod tests {
         }
         for p in ["a.>.b", ">.a", "a*", "a.b*", "a.>>", "a.**"] {
             assert!(Subject::parse(p).is_err(), "{p:?} should be invalid");
+        }
+    }
+
+    #[test]
+    fn matching_agrees_with_the_nats_rules() {
+        let cases = [
+            ("a.*", "a.b", true),
+            ("a.*", "a", false),
+            ("a.*", "a.b.c", false),
+            ("a.>", "a.b.c", true),
+            ("a.>", "a", false),
+            (">", "a", true),
+            ("*.b", "a.b", true),
+            ("a.*.c", "a.x.d", false),
+            ("a.b", "a.b", true),
+            ("a.b", "a.bc", false),
+        ];
+        for (pattern, topic, expected) in cases {
+            assert_eq!(matches(pattern, topic), expected, "{pattern} vs {topic}");
         }
     }
 

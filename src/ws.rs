@@ -25,11 +25,33 @@ use crate::topic::Subject;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RawSocket(RawFd);
 
-/// `HttpServer::on_connect` hook: remembers each TCP socket's descriptor so that a connection
-/// whose socket takes nothing can be torn down (see [`Connection::force_close`]).
-pub(crate) fn record_socket(io: &dyn std::any::Any, extensions: &mut dev::Extensions) {
-    if let Some(tcp) = io.downcast_ref::<actix_web::rt::net::TcpStream>() {
-        extensions.insert(RawSocket(tcp.as_raw_fd()));
+/// `HttpServer::on_connect` hook: caps how many bytes each TCP socket keeps unsent in the kernel
+/// (0 leaves the OS default) and remembers its descriptor, so that a connection whose socket
+/// takes nothing can be torn down (see [`Connection::force_close`]).
+pub(crate) fn on_accept(
+    unsent_bytes: usize,
+) -> impl Fn(&dyn std::any::Any, &mut dev::Extensions) + Clone {
+    move |io, extensions| {
+        if let Some(tcp) = io.downcast_ref::<actix_web::rt::net::TcpStream>() {
+            let fd = tcp.as_raw_fd();
+            if unsent_bytes > 0 {
+                let limit = libc::c_int::try_from(unsent_bytes).unwrap_or(libc::c_int::MAX);
+                // SAFETY: `fd` is the open socket actix just accepted; the call only sets an option.
+                let set = unsafe {
+                    libc::setsockopt(
+                        fd,
+                        libc::IPPROTO_TCP,
+                        libc::TCP_NOTSENT_LOWAT,
+                        (&limit as *const libc::c_int).cast(),
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                if set != 0 {
+                    tracing::warn!(error = %std::io::Error::last_os_error(), "could not set TCP_NOTSENT_LOWAT");
+                }
+            }
+            extensions.insert(RawSocket(fd));
+        }
     }
 }
 

@@ -1,0 +1,271 @@
+//! History: each topic's last messages, for recovery after a reconnect and for rewind.
+//!
+//! Each topic keeps at most `--history-size` messages for at most `--history-ttl`. All histories
+//! together hold at most `--history-max-bytes`: above it, the oldest messages of all topics go
+//! first. That order comes from a heap of topic heads (each topic's oldest message) that
+//! publishing touches only when a topic's history goes from empty to non-empty. A key in the heap
+//! may be older than its topic's actual head (the topic evicted on its own since); such a stale key
+//! is fixed when it reaches the top, which keeps the top the true oldest message of all.
+
+use std::cmp::{Ordering as CmpOrdering, Reverse};
+use std::collections::{BinaryHeap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::frame::Encoding;
+use crate::metrics::{EvictReason, Metrics};
+use crate::registry::Publication;
+
+/// Bookkeeping bytes counted for each retained message besides its data and frames.
+const ENTRY_OVERHEAD: usize = 160;
+
+/// A topic's retained messages, oldest first. Lives under its topic's lock.
+#[derive(Default)]
+pub(crate) struct TopicHistory {
+    entries: VecDeque<Arc<Publication>>,
+    /// Whether the topic has a key in the index's heap (or an evictor holds it and will put it
+    /// back or clear this).
+    indexed: bool,
+}
+
+/// Something that owns a [`TopicHistory`] behind a lock: the index reaches histories through it.
+pub(crate) trait HistoryOwner: Send + Sync {
+    /// Runs `f` on the history under the owner's lock; None if the owner is gone.
+    fn with_history<R>(&self, f: impl FnOnce(&mut TopicHistory) -> R) -> Option<R>;
+}
+
+/// The limits and the global accounting shared by every topic's history.
+pub(crate) struct HistoryIndex<T> {
+    size: usize,
+    ttl: Duration,
+    max_bytes: usize,
+    bytes: AtomicUsize,
+    messages: AtomicUsize,
+    heads: Mutex<BinaryHeap<Reverse<Head<T>>>>,
+    metrics: Arc<Metrics>,
+}
+
+/// A topic in the heap, keyed at (or before) the time of its oldest message.
+struct Head<T> {
+    at: Instant,
+    topic: Weak<T>,
+}
+
+impl<T> PartialEq for Head<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == CmpOrdering::Equal
+    }
+}
+impl<T> Eq for Head<T> {}
+impl<T> PartialOrd for Head<T> {
+    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
+        Some(self.cmp(other))
+    }
+}
+impl<T> Ord for Head<T> {
+    fn cmp(&self, other: &Self) -> CmpOrdering {
+        self.at.cmp(&other.at).then_with(|| {
+            self.topic
+                .as_ptr()
+                .cast::<()>()
+                .cmp(&other.topic.as_ptr().cast())
+        })
+    }
+}
+
+impl TopicHistory {
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub(crate) fn oldest_seq(&self) -> Option<u64> {
+        self.entries.front().map(|p| p.seq())
+    }
+
+    /// Retained messages with a seq above `seq`, oldest first.
+    pub(crate) fn after(&self, seq: u64) -> impl Iterator<Item = &Arc<Publication>> {
+        let skip = self.entries.partition_point(|p| p.seq() <= seq);
+        self.entries.iter().skip(skip)
+    }
+
+    /// The last `n` retained messages, oldest first.
+    pub(crate) fn last(&self, n: usize) -> impl Iterator<Item = &Arc<Publication>> {
+        self.entries
+            .iter()
+            .skip(self.entries.len().saturating_sub(n))
+    }
+
+    fn pop_front<T>(&mut self, index: &HistoryIndex<T>, reason: EvictReason) -> bool {
+        let Some(evicted) = self.entries.pop_front() else {
+            return false;
+        };
+        index
+            .bytes
+            .fetch_sub(evicted.retire_from_history(), Ordering::Relaxed);
+        index.messages.fetch_sub(1, Ordering::Relaxed);
+        index.metrics.history_evicted(reason);
+        true
+    }
+
+    fn head_key(&self) -> Option<Instant> {
+        self.entries.front().map(|p| p.published_at())
+    }
+}
+
+impl<T: HistoryOwner> HistoryIndex<T> {
+    pub(crate) fn new(size: usize, ttl: Duration, max_bytes: usize, metrics: Arc<Metrics>) -> Self {
+        HistoryIndex {
+            size,
+            ttl,
+            max_bytes,
+            bytes: AtomicUsize::new(0),
+            messages: AtomicUsize::new(0),
+            heads: Mutex::new(BinaryHeap::new()),
+            metrics,
+        }
+    }
+
+    pub(crate) fn enabled(&self) -> bool {
+        self.size > 0 && !self.ttl.is_zero()
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn messages(&self) -> usize {
+        self.messages.load(Ordering::Relaxed)
+    }
+
+    /// Retains `publication` in `history` (its topic's, under the topic's lock), within the
+    /// topic's limits. Call [`HistoryIndex::enforce_cap`] once the topic's lock is released.
+    pub(crate) fn retain(
+        &self,
+        history: &mut TopicHistory,
+        publication: Arc<Publication>,
+        owner: &Weak<T>,
+        now: Instant,
+    ) {
+        if !self.enabled() {
+            return;
+        }
+        self.expire(history, now);
+        let counted = publication.enter_history(ENTRY_OVERHEAD);
+        self.bytes.fetch_add(counted, Ordering::Relaxed);
+        self.messages.fetch_add(1, Ordering::Relaxed);
+        history.entries.push_back(publication);
+        while history.entries.len() > self.size {
+            history.pop_front(self, EvictReason::Size);
+        }
+        if !history.indexed {
+            history.indexed = true;
+            if let Some(at) = history.head_key() {
+                self.heads.lock().push(Reverse(Head {
+                    at,
+                    topic: owner.clone(),
+                }));
+            }
+        }
+    }
+
+    /// Drops the topic's messages older than the TTL (under the topic's lock).
+    pub(crate) fn expire(&self, history: &mut TopicHistory, now: Instant) {
+        while history
+            .head_key()
+            .is_some_and(|at| now.saturating_duration_since(at) >= self.ttl)
+        {
+            history.pop_front(self, EvictReason::Ttl);
+        }
+    }
+
+    /// The frame of a retained message for `encoding`, counting it if it had to be encoded now.
+    pub(crate) fn frame(&self, publication: &Publication, encoding: Encoding) -> bytes::Bytes {
+        let (frame, added) = publication.frame_counted(encoding);
+        self.bytes.fetch_add(added, Ordering::Relaxed);
+        frame
+    }
+
+    /// Evicts the oldest messages of all topics until the histories fit in the byte cap. Must
+    /// not be called with a topic's lock held.
+    pub(crate) fn enforce_cap(&self) {
+        while self.bytes() > self.max_bytes {
+            if !self.evict_oldest(|history| history.pop_front(self, EvictReason::Memory)) {
+                return;
+            }
+        }
+    }
+
+    /// Expires every topic's messages older than the TTL. Must not be called with a topic's
+    /// lock held.
+    pub(crate) fn sweep(&self, now: Instant) {
+        loop {
+            let expired =
+                self.heads.lock().peek().is_some_and(|Reverse(head)| {
+                    now.saturating_duration_since(head.at) >= self.ttl
+                });
+            if !expired
+                || !self.evict_oldest(|history| {
+                    self.expire(history, now);
+                    true
+                })
+            {
+                return;
+            }
+        }
+    }
+
+    /// Takes the topic whose oldest message is the oldest of all and applies `evict` to its
+    /// history (fixing stale keys on the way). Returns false when there is nothing to evict.
+    fn evict_oldest(&self, evict: impl Fn(&mut TopicHistory) -> bool) -> bool {
+        loop {
+            // Never take a topic's lock while holding the heap's: publishers hold their topic's
+            // lock when they push into the heap.
+            let Some(Reverse(head)) = self.heads.lock().pop() else {
+                return false;
+            };
+            let Some(topic) = head.topic.upgrade() else {
+                continue;
+            };
+            let outcome = topic.with_history(|history| {
+                if history.head_key() != Some(head.at) {
+                    // Stale: put the topic back at its actual head.
+                    return (false, history.head_key());
+                }
+                let evicted = evict(history);
+                (evicted, history.head_key())
+            });
+            let Some((evicted, next)) = outcome else {
+                continue;
+            };
+            match next {
+                Some(at) => self.heads.lock().push(Reverse(Head {
+                    at,
+                    topic: head.topic,
+                })),
+                None => {
+                    topic.with_history(|history| {
+                        // Nothing left; a publish since then re-indexes the topic itself.
+                        if history.is_empty() {
+                            history.indexed = false;
+                        } else if let Some(at) = history.head_key() {
+                            self.heads.lock().push(Reverse(Head {
+                                at,
+                                topic: head.topic.clone(),
+                            }));
+                        }
+                    });
+                }
+            }
+            if evicted {
+                return true;
+            }
+        }
+    }
+}
