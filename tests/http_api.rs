@@ -284,12 +284,16 @@ async fn topics_connections_and_health() {
     server.publish("t.2", &json!(1)).await;
     server.publish("t.2", &json!(2)).await;
 
-    let topics = server.get("/api/topics").await;
+    let mut topics = server.get("/api/topics").await;
+    for topic in topics["topics"].as_array_mut().unwrap() {
+        let epoch = topic.as_object_mut().unwrap().remove("epoch").unwrap();
+        assert_eq!(epoch.as_str().unwrap().len(), 16);
+    }
     assert_eq!(
         topics,
         json!({"topics": [
-            {"name": "t.1", "subscribers": 2, "seq": 1},
-            {"name": "t.2", "subscribers": 1, "seq": 2},
+            {"name": "t.1", "subscribers": 2, "seq": 1, "history": 1},
+            {"name": "t.2", "subscribers": 1, "seq": 2, "history": 2},
         ]})
     );
     assert_eq!(

@@ -1,10 +1,13 @@
 //! Replays every transcript in `proto/examples/` against a real server, once with JSON and once
 //! with MessagePack clients, and checks every frame against `proto/crier-v1.schema.json`.
 //!
-//! Steps: `connect` (query string; optional, clients connect when first named) with an optional
-//! expected `welcome`; `send` (a valid client frame); `send_invalid` (a frame the schema must
-//! reject); `send_text` (raw text); `recv` (the next frame, where the string "*" matches any
-//! value); `silent` (nothing arrives); `http` (a request and its expected answer).
+//! Steps name a client (connected when first named, or by `connect` with a query string and an
+//! optional expected `welcome`) or make an `http` request. Client steps: `send` (a valid client
+//! frame), `send_invalid` (a frame the schema must reject), `send_text` (raw text), `recv` (the
+//! next frame), `recv_unordered` (the next frames, in any order), `silent` (nothing arrives),
+//! `close` (the client goes away). In expected values the string "*" matches anything and
+//! "$name" matches anything the first time and the same value afterwards; "$name" in a frame to
+//! send stands for that value.
 
 mod common;
 
@@ -13,16 +16,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
+use futures_util::StreamExt;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 fn schema(definition: &str) -> jsonschema::Validator {
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("proto/crier-v1.schema.json"),
-    )
-    .unwrap();
-    let mut schema: Value = serde_json::from_str(&text).unwrap();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("proto/crier-v1.schema.json");
+    let mut schema: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     // Validate against one definition: the root's $defs stay reachable.
     schema["$ref"] = Value::String(format!("#/$defs/{definition}"));
     schema.as_object_mut().unwrap().remove("oneOf");
@@ -40,21 +41,52 @@ fn assert_valid(validator: &jsonschema::Validator, frame: &Value, what: &str) {
     );
 }
 
-/// `expected` matches `actual` where equal, where `expected` is "*", and object by object with
-/// exactly the same keys.
-fn matches(expected: &Value, actual: &Value) -> bool {
-    match (expected, actual) {
-        (Value::String(s), _) if s == "*" => true,
-        (Value::Object(e), Value::Object(a)) => {
-            e.len() == a.len()
-                && e.iter()
-                    .all(|(k, v)| a.get(k).is_some_and(|av| matches(v, av)))
+/// Values captured by "$name" placeholders.
+#[derive(Default)]
+struct Vars(HashMap<String, Value>);
+
+impl Vars {
+    /// `expected` matches `actual` where equal, where `expected` is "*" or a "$name" (see the
+    /// module docs), and object by object with exactly the same keys.
+    fn matches(&mut self, expected: &Value, actual: &Value) -> bool {
+        match (expected, actual) {
+            (Value::String(s), _) if s == "*" => true,
+            (Value::String(s), _) if s.starts_with('$') => match self.0.get(s) {
+                Some(known) => known == actual,
+                None => {
+                    self.0.insert(s.clone(), actual.clone());
+                    true
+                }
+            },
+            (Value::Object(e), Value::Object(a)) => {
+                e.len() == a.len()
+                    && e.iter()
+                        .all(|(k, v)| a.get(k).is_some_and(|av| self.matches(v, av)))
+            }
+            (Value::Array(e), Value::Array(a)) => {
+                e.len() == a.len() && e.iter().zip(a).all(|(e, a)| self.matches(e, a))
+            }
+            (Value::Number(e), Value::Number(a)) => e.as_f64() == a.as_f64(),
+            _ => expected == actual,
         }
-        (Value::Array(e), Value::Array(a)) => {
-            e.len() == a.len() && e.iter().zip(a).all(|(e, a)| matches(e, a))
+    }
+
+    /// `frame` with every "$name" string replaced by its captured value.
+    fn substitute(&self, frame: &Value) -> Value {
+        match frame {
+            Value::String(s) if s.starts_with('$') => self
+                .0
+                .get(s)
+                .cloned()
+                .unwrap_or_else(|| panic!("{s} used before it was captured")),
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .map(|(k, v)| (k.clone(), self.substitute(v)))
+                    .collect(),
+            ),
+            Value::Array(items) => Value::Array(items.iter().map(|v| self.substitute(v)).collect()),
+            other => other.clone(),
         }
-        (Value::Number(e), Value::Number(a)) => e.as_f64() == a.as_f64(),
-        _ => expected == actual,
     }
 }
 
@@ -64,6 +96,7 @@ struct Run {
     server: TestServer,
     encodings: HashMap<String, Enc>,
     default: Enc,
+    vars: Vars,
     client_frames: jsonschema::Validator,
     server_frames: jsonschema::Validator,
 }
@@ -98,6 +131,16 @@ impl Run {
         self.clients.get_mut(name).unwrap()
     }
 
+    async fn received(&mut self, name: &str, at: &str) -> Value {
+        let frame = self.client(name).await.recv().await;
+        assert_valid(
+            &self.server_frames,
+            &frame,
+            &format!("{at}: received frame"),
+        );
+        frame
+    }
+
     async fn step(&mut self, step: &Value, at: &str) {
         if let Some(http) = step.get("http") {
             return self.http(http, at).await;
@@ -109,13 +152,14 @@ impl Run {
             let welcome = self.connect(name, query.as_str().unwrap()).await;
             if let Some(expected) = step.get("welcome") {
                 assert!(
-                    matches(expected, &welcome),
+                    self.vars.matches(expected, &welcome),
                     "{at}: expected {expected}, got {welcome}"
                 );
             }
         } else if let Some(frame) = step.get("send") {
-            assert_valid(&self.client_frames, frame, &format!("{at}: sent frame"));
-            self.client(name).await.send(frame.clone()).await;
+            let frame = self.vars.substitute(frame);
+            assert_valid(&self.client_frames, &frame, &format!("{at}: sent frame"));
+            self.client(name).await.send(frame).await;
         } else if let Some(frame) = step.get("send_invalid") {
             assert!(
                 !self.client_frames.is_valid(frame),
@@ -128,21 +172,33 @@ impl Run {
                 .send_raw(Message::text(text.as_str().unwrap().to_owned()))
                 .await;
         } else if let Some(expected) = step.get("recv") {
-            let frame = self.client(name).await.recv().await;
-            assert_valid(
-                &self.server_frames,
-                &frame,
-                &format!("{at}: received frame"),
-            );
+            let frame = self.received(name, at).await;
             assert!(
-                matches(expected, &frame),
+                self.vars.matches(expected, &frame),
                 "{at}: expected {expected}, got {frame}"
             );
+        } else if let Some(expected) = step.get("recv_unordered") {
+            let mut wanted = expected.as_array().unwrap().clone();
+            while !wanted.is_empty() {
+                let frame = self.received(name, at).await;
+                let position = wanted.iter().position(|w| self.vars.matches(w, &frame));
+                let position = position.unwrap_or_else(|| {
+                    panic!("{at}: unexpected {frame}, wanted one of {wanted:?}")
+                });
+                wanted.remove(position);
+            }
         } else if step.get("silent").is_some() {
             self.client(name)
                 .await
                 .expect_silence(Duration::from_millis(200))
                 .await;
+        } else if step.get("close").is_some() {
+            let mut client = self
+                .clients
+                .remove(name)
+                .unwrap_or_else(|| panic!("{at}: {name} is not connected"));
+            client.ws.close(None).await.unwrap();
+            while let Some(Ok(_)) = client.ws.next().await {}
         } else {
             panic!("{at}: unknown step {step}");
         }
@@ -166,7 +222,7 @@ impl Run {
         let body: Value = response.json().await.unwrap();
         if let Some(expected) = http.get("response") {
             assert!(
-                matches(expected, &body),
+                self.vars.matches(expected, &body),
                 "{at}: expected {expected}, got {body}"
             );
         }
@@ -181,7 +237,7 @@ async fn every_example_holds_in_both_encodings() {
         .map(|e| e.unwrap().path())
         .collect();
     files.sort();
-    assert!(files.len() >= 8, "examples missing");
+    assert!(files.len() >= 12, "examples missing");
     for file in files {
         let example: Value =
             serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
@@ -206,6 +262,7 @@ async fn every_example_holds_in_both_encodings() {
                 server: TestServer::start(),
                 encodings,
                 default,
+                vars: Vars::default(),
                 client_frames: schema("ClientFrame"),
                 server_frames: schema("ServerFrame"),
             };

@@ -335,15 +335,24 @@ impl Client {
         assert_eq!(pong, serde_json::json!({"op": "pong", "id": id}));
     }
 
-    pub async fn subscribe(&mut self, topic: &str) {
-        self.send(serde_json::json!({"op": "subscribe", "topic": topic, "id": "s"}))
-            .await;
+    /// Subscribes and returns the ack (for a topic it carries the stream's `epoch` and `seq`).
+    pub async fn subscribe(&mut self, topic: &str) -> Value {
+        self.subscribe_with(topic, serde_json::json!({})).await
+    }
+
+    /// Subscribes with extra fields (`since`, `rewind`, `mode`, `max_rate`); returns the ack.
+    pub async fn subscribe_with(&mut self, topic: &str, options: Value) -> Value {
+        let mut frame = serde_json::json!({"op": "subscribe", "topic": topic, "id": "s"});
+        for (k, v) in options.as_object().expect("options object") {
+            frame[k] = v.clone();
+        }
+        self.send(frame).await;
         let ack = self.recv().await;
-        assert_eq!(
-            ack,
-            serde_json::json!({"op": "ack", "id": "s"}),
-            "subscribe {topic}"
+        assert!(
+            ack["op"] == "ack" && ack["id"] == "s",
+            "subscribe {topic}: {ack}"
         );
+        ack
     }
 }
 
