@@ -243,10 +243,12 @@ async fn publish_batch(
         check_topic(topic).map_err(in_item)?;
         check_size(data, broker.config.max_message_bytes).map_err(in_item)?;
     }
-    let results: Vec<PublishResult> = items
-        .into_iter()
-        .map(|(topic, data)| publish(&broker, topic, data))
-        .collect();
+    let results: Vec<PublishResult> = crate::queue::coalescing_wakes(|| {
+        items
+            .into_iter()
+            .map(|(topic, data)| publish(&broker, topic, data))
+            .collect()
+    });
     Ok(HttpResponse::Ok().json(json!({ "results": results })))
 }
 
@@ -338,8 +340,8 @@ async fn list_connections(query: web::Query<Limit>, broker: web::Data<Broker>) -
                 peer: c.peer.map(|p| p.to_string()),
                 encoding: c.encoding.name(),
                 subscriptions: c.subscription_count(),
-                buffered_bytes: stats.buffered_bytes(),
-                buffered_high_water: stats.high_water(),
+                buffered_bytes: c.queue.buffered().0,
+                buffered_high_water: c.queue.buffered().1,
                 dropped: stats.dropped(),
                 conflated: stats.conflated(),
                 connected_since: humantime::format_rfc3339_millis(c.connected_at).to_string(),

@@ -42,6 +42,8 @@ pub(crate) struct Connection {
     pub id: ConnectionId,
     pub peer: Option<SocketAddr>,
     pub encoding: Encoding,
+    /// Whether WebSocket messages may carry several frames (the client asked with `?batch=1`).
+    pub batching: bool,
     pub connected_at: SystemTime,
     pub queue: OutboundQueue,
     subscriptions: AtomicUsize,
@@ -60,11 +62,18 @@ impl Connection {
             id: ConnectionId(fastrand::u64(..)),
             peer,
             encoding,
+            batching: false,
             connected_at: SystemTime::now(),
             queue,
             subscriptions: AtomicUsize::new(0),
             socket: Mutex::new(socket),
         }
+    }
+
+    /// Lets WebSocket messages carry several frames.
+    pub(crate) fn with_batching(mut self, on: bool) -> Self {
+        self.batching = on;
+        self
     }
 
     pub(crate) fn subscription_count(&self) -> usize {
@@ -135,10 +144,10 @@ impl ConnectionActor {
     /// Starts the actor on the current worker, reading `frames`.
     pub(crate) fn start_with<S>(mut self, frames: S)
     where
-        S: futures_core::Stream<Item = Result<AggregatedMessage, ProtocolError>> + 'static,
+        S: futures_core::Stream<Item = Result<AggregatedMessage, ProtocolError>> + Unpin + 'static,
     {
         Self::create(move |ctx| {
-            self.reader = Some(ctx.add_stream(frames));
+            self.reader = Some(ctx.add_stream(Batches(frames)));
             self
         });
     }
@@ -334,8 +343,60 @@ impl Actor for ConnectionActor {
     }
 }
 
-impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for ConnectionActor {
-    fn handle(&mut self, item: Result<AggregatedMessage, ProtocolError>, ctx: &mut Self::Context) {
+/// The client's frames in batches: everything already read, up to [`BATCH_FRAMES`].
+struct Batches<S>(S);
+
+const BATCH_FRAMES: usize = 32;
+
+type Read = Result<AggregatedMessage, ProtocolError>;
+
+impl<S: futures_core::Stream<Item = Read> + Unpin> futures_core::Stream for Batches<S> {
+    type Item = Vec<Read>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Vec<Read>>> {
+        use std::task::Poll;
+        let mut batch = Vec::new();
+        while batch.len() < BATCH_FRAMES {
+            match std::pin::Pin::new(&mut self.0).poll_next(cx) {
+                Poll::Ready(Some(item)) => batch.push(item),
+                Poll::Ready(None) if batch.is_empty() => return Poll::Ready(None),
+                Poll::Ready(None) | Poll::Pending => break,
+            }
+        }
+        if batch.is_empty() {
+            Poll::Pending
+        } else {
+            Poll::Ready(Some(batch))
+        }
+    }
+}
+
+impl StreamHandler<Vec<Read>> for ConnectionActor {
+    fn handle(&mut self, batch: Vec<Read>, ctx: &mut Self::Context) {
+        // Subscribers' writers are woken once for the whole batch, not once per publish.
+        crate::queue::coalescing_wakes(|| {
+            for item in batch {
+                self.handle_frame(item, ctx);
+            }
+        });
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        // Nothing more will be read. While a close is under way the heartbeat sees it through
+        // (the close frame still has to go out); otherwise the client is simply gone.
+        let health = self.conn.queue.health(Instant::now());
+        if health.closing_for.is_none() || health.finished {
+            self.conn.queue.finish();
+            ctx.stop();
+        }
+    }
+}
+
+impl ConnectionActor {
+    fn handle_frame(&mut self, item: Read, ctx: &mut Context<Self>) {
         if self.failed {
             return;
         }
@@ -358,22 +419,13 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for ConnectionActor
                 let code = classify(&err);
                 if code == CloseCode::NORMAL {
                     // The socket failed (reset, or the connection is gone): nothing to answer.
+                    self.failed = true;
                     self.conn.queue.finish();
                     ctx.stop();
                 } else {
                     self.fail(code, ctx, &err.to_string());
                 }
             }
-        }
-    }
-
-    fn finished(&mut self, ctx: &mut Self::Context) {
-        // Nothing more will be read. While a close is under way the heartbeat sees it through
-        // (the close frame still has to go out); otherwise the client is simply gone.
-        let health = self.conn.queue.health(Instant::now());
-        if health.closing_for.is_none() || health.finished {
-            self.conn.queue.finish();
-            ctx.stop();
         }
     }
 }

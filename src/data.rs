@@ -28,9 +28,20 @@ pub(crate) struct InvalidData(pub String);
 
 impl Data {
     /// Data from JSON text, checked to be exactly one JSON value.
+    /// Data from JSON text, checked to be exactly one JSON value. Line breaks are dropped:
+    /// outside strings they are insignificant whitespace, inside strings JSON does not allow
+    /// them raw; without them a JSON frame is one line, so frames can be batched one per line.
     pub(crate) fn from_json(bytes: Bytes) -> Result<Data, InvalidData> {
         serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
             .map_err(|e| InvalidData(format!("data is not valid JSON: {e}")))?;
+        if bytes.iter().any(|&b| b == b'\n' || b == b'\r') {
+            let one_line: Vec<u8> = bytes
+                .iter()
+                .copied()
+                .filter(|&b| b != b'\n' && b != b'\r')
+                .collect();
+            return Ok(Data::Json(one_line.into()));
+        }
         Ok(Data::Json(bytes))
     }
 
@@ -216,6 +227,15 @@ mod tests {
             serde_json::from_str::<serde_json::Value>(&back).unwrap(),
             expected
         );
+    }
+
+    #[test]
+    fn json_data_loses_only_its_line_breaks() {
+        let data = Data::from_json(Bytes::from_static(
+            b"{\n  \"a\": [1,\r\n 2.50],\n  \"s\": \"x\\ny\"\n}",
+        ))
+        .unwrap();
+        assert_eq!(as_json(&data), r#"{  "a": [1, 2.50],  "s": "x\ny"}"#);
     }
 
     #[test]

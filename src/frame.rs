@@ -427,6 +427,8 @@ pub(crate) enum ServerFrame<'a> {
         encoding: &'static str,
         server: &'static str,
         limits: &'a Limits,
+        /// Whether a WebSocket message may carry several frames (`?batch=1`).
+        batch: bool,
     },
     Ack {
         id: &'a FrameId,
@@ -525,6 +527,37 @@ pub(crate) fn pong_frame(payload: &[u8]) -> Bytes {
     finish_frame(OpCode::Pong, buf)
 }
 
+/// The payload of a complete (final, unmasked) server frame.
+fn payload_of_frame(frame: &[u8]) -> &[u8] {
+    let header = match frame.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    };
+    frame.get(header..).unwrap_or_default()
+}
+
+/// Whether a server frame carries protocol frames (text or binary), as opposed to a WebSocket
+/// control frame (ping, pong, close).
+pub(crate) fn is_data_frame(frame: &[u8]) -> bool {
+    matches!(frame.first().map(|b| b & 0x0f), Some(0x1 | 0x2))
+}
+
+/// Joins data frames into one WebSocket message, for connections that asked for batches: JSON
+/// frames one per line, MessagePack frames back to back.
+pub(crate) fn join_frames(encoding: Encoding, frames: &[Bytes]) -> Bytes {
+    let len: usize = frames.iter().map(|f| payload_of_frame(f).len() + 1).sum();
+    let mut buf = Vec::with_capacity(HEADROOM + len);
+    buf.resize(HEADROOM, 0);
+    for (i, frame) in frames.iter().enumerate() {
+        if i > 0 && encoding == Encoding::Json {
+            buf.push(b'\n');
+        }
+        buf.extend_from_slice(payload_of_frame(frame));
+    }
+    finish_frame(encoding.opcode(), buf)
+}
+
 /// Writes the WebSocket header (final, unmasked) into the headroom in front of the payload.
 fn finish_frame(opcode: OpCode, mut buf: Vec<u8>) -> Bytes {
     let len = buf.len() - HEADROOM;
@@ -595,6 +628,43 @@ mod tests {
             _ => 2,
         };
         &frame[header..]
+    }
+
+    #[test]
+    fn frames_join_into_one_message() {
+        let data = Data::from_json(Bytes::from_static(b"[1]")).unwrap();
+        for encoding in Encoding::ALL {
+            let frames = [
+                encode_message(encoding, "a", 1, &data),
+                encode_message(encoding, "b", 2, &data),
+            ];
+            let joined = join_frames(encoding, &frames);
+            assert!(is_data_frame(&joined) && !is_data_frame(&ping_frame()));
+            let payload = payload_of(&joined);
+            let values: Vec<serde_json::Value> = match encoding {
+                Encoding::Json => {
+                    assert_eq!(payload.iter().filter(|&&b| b == b'\n').count(), 1);
+                    serde_json::Deserializer::from_slice(payload)
+                        .into_iter()
+                        .map(Result::unwrap)
+                        .collect()
+                }
+                Encoding::Msgpack => {
+                    let mut rest = payload;
+                    std::iter::from_fn(|| {
+                        (!rest.is_empty()).then(|| rmp_serde::from_read(&mut rest).unwrap())
+                    })
+                    .collect()
+                }
+            };
+            assert_eq!(
+                values
+                    .iter()
+                    .map(|v| v["seq"].as_u64().unwrap())
+                    .collect::<Vec<_>>(),
+                vec![1, 2]
+            );
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,7 @@ use parking_lot::Mutex;
 use crate::config::SlowConsumerPolicy;
 use crate::connection::Connection;
 use crate::frame::{self, CloseCode};
-use crate::metrics::{DropReason, Metrics, Ns, WaitHistogram};
+use crate::metrics::{DropReason, Metrics, Ns, WaitBatch, WaitHistogram};
 
 /// What became of a message offered to a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,11 +53,12 @@ impl Push {
     }
 }
 
-/// Counters kept per connection, readable without taking the queue's lock.
+/// Counters kept per connection, readable without taking the queue's lock (each written on a
+/// rare event, or only by the thread that hands frames to the socket). Aligned to its own cache
+/// lines, away from the queue's lock, which publishers on other threads take.
 #[derive(Debug, Default)]
+#[repr(align(64))]
 pub(crate) struct QueueStats {
-    buffered: AtomicUsize,
-    high_water: AtomicUsize,
     dropped: AtomicU64,
     conflated: AtomicU64,
     /// Written only by the thread that hands frames to the socket.
@@ -66,14 +67,6 @@ pub(crate) struct QueueStats {
 }
 
 impl QueueStats {
-    pub(crate) fn buffered_bytes(&self) -> usize {
-        self.buffered.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn high_water(&self) -> usize {
-        self.high_water.load(Ordering::Relaxed)
-    }
-
     pub(crate) fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
@@ -105,6 +98,8 @@ struct QueueState {
     head: u64,
     /// Bytes accepted and not yet taken by the socket: queued frames and frames held for a rate slot.
     bytes: usize,
+    /// The most `bytes` has been.
+    high_water: usize,
     control_bytes: usize,
     /// When the socket last took a frame, or when the queue last became non-empty.
     progress_at: Instant,
@@ -182,7 +177,8 @@ pub(crate) struct QueueHealth {
 /// What the body should do next.
 #[derive(Debug, PartialEq)]
 enum Next {
-    Frame(Bytes),
+    /// Frames were moved into the body's batch.
+    Taken,
     End,
     /// Nothing to send now; a held frame is due at this time, if any.
     Wait(Option<Instant>),
@@ -198,6 +194,7 @@ impl OutboundQueue {
                 frames: VecDeque::new(),
                 head: 0,
                 bytes: 0,
+                high_water: 0,
                 control_bytes: 0,
                 progress_at: Instant::now(),
                 waker: None,
@@ -215,6 +212,12 @@ impl OutboundQueue {
 
     pub(crate) fn stats(&self) -> &QueueStats {
         &self.stats
+    }
+
+    /// `buffered_bytes` now, and its high-water mark.
+    pub(crate) fn buffered(&self) -> (usize, usize) {
+        let st = self.state.lock();
+        (st.bytes, st.high_water)
     }
 
     /// Offers a published message's frame, accepted at `now`; never blocks.
@@ -449,15 +452,21 @@ impl OutboundQueue {
         }
     }
 
-    /// Hands the next frame to the socket, releasing held frames that are due.
-    fn next_frame(&self, cx: &mut Context<'_>) -> Next {
+    /// Moves the next frames (up to `limit` bytes, at least one) into `taken` for the socket,
+    /// releasing held frames that are due. One lock and one clock read per batch, not per frame.
+    fn take_frames(&self, cx: &mut Context<'_>, taken: &mut VecDeque<Bytes>, limit: usize) -> Next {
         let mut st = self.state.lock();
         if st.phase == Phase::Finished {
             return Next::End;
         }
         let now = Instant::now();
         let next_due = st.release_due(now);
-        while let Some(queued) = st.frames.pop_front() {
+        let (mut took, mut moved) = (0, 0);
+        let mut waits = WaitBatch::default();
+        while took < limit {
+            let Some(queued) = st.frames.pop_front() else {
+                break;
+            };
             let index = st.head;
             st.head += 1;
             let len = queued.bytes.len();
@@ -477,15 +486,19 @@ impl OutboundQueue {
                 }
             }
             st.bytes -= len;
+            took += len;
+            moved += 1;
+            waits.observe(now.saturating_duration_since(queued.queued_at));
+            taken.push_back(queued.bytes);
+        }
+        if moved > 0 {
+            st.progress_at = now;
+            drop(st);
             self.stats
                 .sent_bytes
-                .fetch_add(len as u64, Ordering::Relaxed);
-            self.stats
-                .wait
-                .observe(now.saturating_duration_since(queued.queued_at));
-            st.progress_at = now;
-            self.publish_size(&st);
-            return Next::Frame(queued.bytes);
+                .fetch_add(took as u64, Ordering::Relaxed);
+            self.stats.wait.add(&waits);
+            return Next::Taken;
         }
         if let Phase::Closing {
             close_sent: true,
@@ -572,9 +585,8 @@ impl OutboundQueue {
         self.metrics.dropped(ns, DropReason::Conflated, 1);
     }
 
-    fn publish_size(&self, st: &QueueState) {
-        self.stats.buffered.store(st.bytes, Ordering::Relaxed);
-        self.stats.high_water.fetch_max(st.bytes, Ordering::Relaxed);
+    fn publish_size(&self, st: &mut QueueState) {
+        st.high_water = st.high_water.max(st.bytes);
     }
 }
 
@@ -661,23 +673,65 @@ impl OutboundQueue {
     /// Everything ready to go out now, as the socket would take it.
     pub(crate) fn drain_ready(&self) -> Vec<Bytes> {
         let mut cx = Context::from_waker(Waker::noop());
-        std::iter::from_fn(|| match self.next_frame(&mut cx) {
-            Next::Frame(bytes) => Some(bytes),
-            _ => None,
-        })
-        .collect()
+        let mut taken = VecDeque::new();
+        while self.take_frames(&mut cx, &mut taken, usize::MAX) == Next::Taken {}
+        taken.into()
     }
 }
 
+thread_local! {
+    /// Wakers held back while this thread handles a batch of publishes (see [`coalescing_wakes`]).
+    static HELD_WAKERS: std::cell::RefCell<Option<Vec<Waker>>> = const { std::cell::RefCell::new(None) };
+}
+
 fn wake(waker: Option<Waker>) {
-    if let Some(w) = waker {
-        w.wake();
+    let Some(waker) = waker else { return };
+    let held = HELD_WAKERS.with(|held| match held.borrow_mut().as_mut() {
+        Some(list) => {
+            list.push(waker);
+            None
+        }
+        None => Some(waker),
+    });
+    if let Some(waker) = held {
+        waker.wake();
     }
 }
+
+/// Runs `f` (which publishes) holding back the wake-ups of the connections it queues frames
+/// for, and wakes each of them once at the end: a subscriber's socket then takes a whole batch of
+/// frames in one write (and one WebSocket message when batching), instead of one write per frame
+/// when its writer runs on another thread.
+pub(crate) fn coalescing_wakes<R>(f: impl FnOnce() -> R) -> R {
+    let outermost = HELD_WAKERS.with(|held| {
+        let mut held = held.borrow_mut();
+        if held.is_some() {
+            return false;
+        }
+        *held = Some(Vec::new());
+        true
+    });
+    let result = f();
+    if outermost {
+        let wakers = HELD_WAKERS
+            .with(|held| held.borrow_mut().take())
+            .unwrap_or_default();
+        for waker in wakers {
+            waker.wake();
+        }
+    }
+    result
+}
+
+/// How many bytes of frames the body takes from the queue at once: the HTTP layer's write buffer.
+pub(crate) const TAKE_BYTES: usize = 8 * 1024;
 
 /// The body of a WebSocket's 101 response: the connection's outbound frames.
 pub(crate) struct OutboundBody {
     conn: Arc<Connection>,
+    /// Frames taken from the queue together and handed to the HTTP layer one by one: at most
+    /// [`TAKE_BYTES`], no more than the HTTP layer's own write buffer takes anyway.
+    taken: VecDeque<Bytes>,
     /// Wakes the body when a frame held for a rate slot is due.
     timer: Option<(Instant, Pin<Box<tokio::time::Sleep>>)>,
     /// actix-ws's own body, never polled. actix-ws's `MessageStream` (the read side) keeps reading
@@ -689,6 +743,7 @@ impl OutboundBody {
     pub(crate) fn new(conn: Arc<Connection>, ws_body: BoxBody) -> Self {
         OutboundBody {
             conn,
+            taken: VecDeque::new(),
             timer: None,
             _ws_body: ws_body,
         }
@@ -708,8 +763,12 @@ impl MessageBody for OutboundBody {
     ) -> Poll<Option<Result<Bytes, Self::Error>>> {
         let this = self.get_mut();
         loop {
-            match this.conn.queue.next_frame(cx) {
-                Next::Frame(bytes) => return Poll::Ready(Some(Ok(bytes))),
+            if let Some(frame) = this.taken.pop_front() {
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            match this.conn.queue.take_frames(cx, &mut this.taken, TAKE_BYTES) {
+                Next::Taken if this.conn.batching => batch(this.conn.encoding, &mut this.taken),
+                Next::Taken => {}
                 Next::End => return Poll::Ready(None),
                 Next::Wait(None) => return Poll::Pending,
                 Next::Wait(Some(due)) => {
@@ -732,6 +791,37 @@ impl MessageBody for OutboundBody {
                     // Due already: release it on the next round.
                 }
             }
+        }
+    }
+}
+
+/// Joins each run of consecutive data frames into one WebSocket message; control frames (ping,
+/// pong, close) stay on their own.
+fn batch(encoding: crate::frame::Encoding, frames: &mut VecDeque<Bytes>) {
+    if frames.len() < 2 {
+        return;
+    }
+    let mut joined = VecDeque::with_capacity(2);
+    let mut run: Vec<Bytes> = Vec::new();
+    for frame in frames.drain(..) {
+        if frame::is_data_frame(&frame) {
+            run.push(frame);
+            continue;
+        }
+        flush_run(encoding, &mut run, &mut joined);
+        joined.push_back(frame);
+    }
+    flush_run(encoding, &mut run, &mut joined);
+    *frames = joined;
+}
+
+fn flush_run(encoding: crate::frame::Encoding, run: &mut Vec<Bytes>, out: &mut VecDeque<Bytes>) {
+    match run.len() {
+        0 => {}
+        1 => out.extend(run.drain(..)),
+        _ => {
+            out.push_back(frame::join_frames(encoding, run));
+            run.clear();
         }
     }
 }
@@ -762,9 +852,11 @@ mod tests {
         q.push_message(frame, ns, Instant::now())
     }
 
+    /// Takes one frame, as the body would with a one-byte limit.
     fn poll(queue: &OutboundQueue) -> Poll<Option<Bytes>> {
-        match queue.next_frame(&mut Context::from_waker(Waker::noop())) {
-            Next::Frame(bytes) => Poll::Ready(Some(bytes)),
+        let mut taken = VecDeque::new();
+        match queue.take_frames(&mut Context::from_waker(Waker::noop()), &mut taken, 1) {
+            Next::Taken => Poll::Ready(taken.pop_front()),
             Next::End => Poll::Ready(None),
             Next::Wait(_) => Poll::Pending,
         }
@@ -803,7 +895,7 @@ mod tests {
         assert_eq!(latest(&q, &a, b"a2", None), Push::Conflated);
         assert_eq!(latest(&q, &a, b"a3!", None), Push::Conflated);
         push(&q, Bytes::from_static(b"all"));
-        assert_eq!(q.stats().buffered_bytes(), 3 + 2 + 3);
+        assert_eq!(q.buffered().0, 3 + 2 + 3);
         assert_eq!(q.stats().conflated(), 2);
         assert_eq!(drain(&q), vec![&b"a3!"[..], b"b1", b"all"]);
         // Once taken, the next one queues again.
@@ -850,7 +942,7 @@ mod tests {
             "the held one is stale"
         );
         assert_eq!(drain(&q), vec![&b"3"[..]]);
-        assert_eq!(q.stats().buffered_bytes(), 0);
+        assert_eq!(q.buffered().0, 0);
     }
 
     #[test]
@@ -866,12 +958,12 @@ mod tests {
             Push::Conflated,
             "replaces the held one"
         );
-        assert_eq!(
-            q.stats().buffered_bytes(),
+        assert_eq!(q.buffered().0, 1, "held bytes count as buffered");
+        let Next::Wait(Some(due)) = q.take_frames(
+            &mut Context::from_waker(Waker::noop()),
+            &mut VecDeque::new(),
             1,
-            "held bytes count as buffered"
-        );
-        let Next::Wait(Some(due)) = q.next_frame(&mut Context::from_waker(Waker::noop())) else {
+        ) else {
             panic!("a held frame should be due later");
         };
         assert!(due > Instant::now());
@@ -881,7 +973,7 @@ mod tests {
             vec![&b"3"[..]],
             "the last value goes out at its slot"
         );
-        assert_eq!(q.stats().buffered_bytes(), 0);
+        assert_eq!(q.buffered().0, 0);
         // Held frames that never went out are counted when the connection ends.
         latest(&q, &a, b"4", interval);
         q.finish();
@@ -901,12 +993,12 @@ mod tests {
         let q = queue(100, SlowConsumerPolicy::DropOldest);
         assert_eq!(push(&q, msg(30)), Push::Queued);
         assert!(q.push_control(Bytes::from_static(b"ack")));
-        assert_eq!(q.stats().buffered_bytes(), 33);
+        assert_eq!(q.buffered().0, 33);
         assert_eq!(poll(&q), Poll::Ready(Some(msg(30))));
-        assert_eq!(q.stats().buffered_bytes(), 3);
+        assert_eq!(q.buffered().0, 3);
         assert_eq!(poll(&q), Poll::Ready(Some(Bytes::from_static(b"ack"))));
-        assert_eq!(q.stats().buffered_bytes(), 0);
-        assert_eq!(q.stats().high_water(), 33);
+        assert_eq!(q.buffered().0, 0);
+        assert_eq!(q.buffered().1, 33);
         assert_eq!(poll(&q), Poll::Pending);
     }
 
@@ -918,7 +1010,7 @@ mod tests {
         push(&q, Bytes::from(vec![2u8; 40]));
         assert_eq!(push(&q, Bytes::from(vec![3u8; 40])), Push::Queued);
         assert_eq!(q.stats().dropped(), 1);
-        assert_eq!(q.stats().buffered_bytes(), 90);
+        assert_eq!(q.buffered().0, 90);
         let order: Vec<u8> = std::iter::from_fn(|| match poll(&q) {
             Poll::Ready(Some(b)) => Some(b[0]),
             _ => None,
@@ -934,7 +1026,7 @@ mod tests {
         assert_eq!(push(&q, Bytes::from(vec![2u8; 60])), Push::Dropped);
         assert_eq!(push(&q, Bytes::from(vec![3u8; 40])), Push::Queued);
         assert_eq!(q.stats().dropped(), 1);
-        assert_eq!(q.stats().buffered_bytes(), 100);
+        assert_eq!(q.buffered().0, 100);
     }
 
     #[test]
@@ -1002,7 +1094,7 @@ mod tests {
                 .render()
                 .contains(r#"crier_messages_dropped_total{namespace="other",reason="closed"} 2"#)
         );
-        assert_eq!(q.stats().buffered_bytes(), 0);
+        assert_eq!(q.buffered().0, 0);
         assert_eq!(poll(&q), Poll::Ready(None));
     }
 }

@@ -59,6 +59,7 @@ pub(crate) fn on_accept(
 struct WsQuery {
     encoding: Option<String>,
     subscribe: Option<String>,
+    batch: Option<String>,
 }
 
 pub(crate) async fn upgrade(
@@ -77,6 +78,15 @@ pub(crate) async fn upgrade(
     let query = web::Query::<WsQuery>::from_query(req.query_string())
         .map_err(|e| ApiError::bad_request(format!("bad query string: {e}")))?;
     let encoding = negotiate(&req, query.encoding.as_deref())?;
+    let batching = match query.batch.as_deref() {
+        None | Some("0" | "false") => false,
+        Some("1" | "true") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "?batch={other:?}: use 1 or 0"
+            )));
+        }
+    };
     let subjects =
         initial_subscriptions(query.subscribe.as_deref(), broker.config.max_subscriptions)?;
 
@@ -94,16 +104,19 @@ pub(crate) async fn upgrade(
     drop(session);
 
     let config = &broker.config;
-    let conn = Arc::new(Connection::new(
-        req.peer_addr(),
-        encoding,
-        OutboundQueue::new(
-            config.max_buffered_bytes,
-            config.slow_consumer,
-            broker.metrics.clone(),
-        ),
-        req.conn_data::<RawSocket>().map(|s| s.0),
-    ));
+    let conn = Arc::new(
+        Connection::new(
+            req.peer_addr(),
+            encoding,
+            OutboundQueue::new(
+                config.max_buffered_bytes,
+                config.slow_consumer,
+                broker.metrics.clone(),
+            ),
+            req.conn_data::<RawSocket>().map(|s| s.0),
+        )
+        .with_batching(batching),
+    );
     let id = conn.id.to_string();
     conn.queue.push_control(frame::encode(
         encoding,
@@ -112,6 +125,7 @@ pub(crate) async fn upgrade(
             encoding: encoding.name(),
             server: frame::SERVER,
             limits: &broker.limits,
+            batch: batching,
         },
     ));
     broker.connections.insert(conn.id, conn.clone());

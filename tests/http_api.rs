@@ -4,6 +4,7 @@ mod common;
 
 use common::*;
 use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
 
 async fn post(
     server: &TestServer,
@@ -329,4 +330,22 @@ async fn topics_connections_and_health() {
 
     assert_eq!(server.get("/healthz").await, json!({"status": "ok"}));
     assert_eq!(server.get("/readyz").await, json!({"status": "ready"}));
+}
+
+#[tokio::test]
+async fn json_data_keeps_everything_but_its_line_breaks() {
+    let server = TestServer::start();
+    let mut sub = Client::connect(&server, Enc::Json).await;
+    sub.subscribe("t").await;
+    let body = b"{\n  \"text\": \"two\\nlines\",\r\n  \"n\": 1.50\n}".to_vec();
+    let (status, _) = post(&server, "/api/topics/t", Some("application/json"), body).await;
+    assert_eq!(status, 200);
+    let Message::Text(text) = sub.recv_message().await else {
+        panic!("a text frame expected")
+    };
+    assert!(!text.contains('\n'), "one line: {text}");
+    assert!(
+        text.ends_with(r#""data":{  "text": "two\nlines",  "n": 1.50}}"#),
+        "{text}"
+    );
 }

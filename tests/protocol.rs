@@ -458,3 +458,97 @@ async fn a_client_that_never_answers_pings_is_closed_for_idleness() {
     assert_eq!(close_code(&close), 4001);
     assert_eq!(close.unwrap().reason.as_str(), "idle timeout");
 }
+
+/// Every frame of a WebSocket message from a batching connection.
+fn frames_of(message: &Message) -> Vec<serde_json::Value> {
+    match message {
+        Message::Text(text) => text
+            .split('\n')
+            .map(|line| serde_json::from_str(line).expect("one JSON frame per line"))
+            .collect(),
+        Message::Binary(bytes) => {
+            let mut rest: &[u8] = bytes;
+            let mut frames = Vec::new();
+            while !rest.is_empty() {
+                let value =
+                    rmpv::decode::read_value(&mut rest).expect("MessagePack frames back to back");
+                frames.push(serde_json::to_value(&value).unwrap());
+            }
+            frames
+        }
+        other => panic!("a data message expected, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn batching_connections_get_several_frames_per_message() {
+    let server = TestServer::start();
+    for enc in [Enc::Json, Enc::Msgpack] {
+        let mut batching = Client::connect_with(&server, enc, "?batch=1&subscribe=feed").await;
+        let mut plain = Client::connect_with(&server, enc, "?subscribe=feed").await;
+        // Published in one request: the writers are woken once, with every frame waiting.
+        let items: Vec<serde_json::Value> = (0..50)
+            .map(|i| json!({"topic": "feed", "data": {"i": i, "text": "line\nbreak"}}))
+            .collect();
+        let response = server
+            .http
+            .post(server.url("/api/publish"))
+            .json(&items)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+
+        let mut received = Vec::new();
+        let mut messages = 0;
+        while received.len() < 50 {
+            let message = batching.recv_message().await;
+            messages += 1;
+            received.extend(
+                frames_of(&message)
+                    .into_iter()
+                    .map(|f| f["data"]["i"].as_u64().unwrap()),
+            );
+        }
+        assert_eq!(
+            received,
+            (0..50).collect::<Vec<_>>(),
+            "{enc:?}: every frame, in order"
+        );
+        assert!(
+            messages < 50,
+            "{enc:?}: frames were joined ({messages} messages for 50 frames)"
+        );
+
+        for i in 0..50 {
+            let frame = plain.recv().await;
+            assert_eq!(
+                frame["data"]["i"], i,
+                "without batching, one frame per message"
+            );
+        }
+        // Answers still come, inside batches or not.
+        batching.send(json!({"op": "ping", "id": 9})).await;
+        let pong = frames_of(&batching.recv_message().await);
+        assert_eq!(pong, vec![json!({"op": "pong", "id": 9})]);
+    }
+}
+
+#[tokio::test]
+async fn the_welcome_says_whether_a_connection_batches() {
+    let server = TestServer::start();
+    for (query, expected) in [
+        ("", false),
+        ("?batch=0", false),
+        ("?batch=1", true),
+        ("?batch=true", true),
+    ] {
+        let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url(query))
+            .await
+            .unwrap();
+        let welcome = decode(&ws.next().await.unwrap().unwrap()).unwrap();
+        assert_eq!(welcome["batch"], expected, "{query}");
+    }
+    let refused = tokio_tungstenite::connect_async(server.ws_url("?batch=sometimes")).await;
+    assert!(refused.is_err());
+}
