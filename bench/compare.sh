@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Crier against NATS over WebSocket, same scenarios, same load generator, same machine.
+#
+# Starts a fresh nats-server with WebSocket and a release Crier on free ports, runs `fanout` at
+# 1, 100 and 1000 subscribers with 64-byte and 4 KiB payloads against both (as fast as the
+# subscribers keep up, then at a fixed rate of 50% of NATS's maximum for latency), opens idle
+# connections to measure memory, runs the slow-subscriber scenario, and writes the results into
+# BENCHMARKS.md and bench/fanout.svg.
+#
+# Environment: DURATION (seconds per run, default 5), REPEAT (runs per configuration, default 3,
+# the median is reported), CONNECTIONS (idle connections, default 19900: the machine's 20000
+# file descriptors per process, less the broker's own).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-5}
+REPEAT=${REPEAT:-3}
+CONNECTIONS=${CONNECTIONS:-19900}
+command -v nats-server >/dev/null || { echo "compare.sh: nats-server is needed (Debian package nats-server)" >&2; exit 1; }
+
+cargo build --release -p crier -p crier-bench
+bench=target/release/crier-bench
+work=$(mktemp -d)
+results=$work/results.jsonl
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+nats_port=$(free_port)
+nats_ws_port=$(free_port)
+cat > "$work/nats.conf" <<EOF
+listen: 127.0.0.1:$nats_port
+websocket { listen: "127.0.0.1:$nats_ws_port", no_tls: true }
+EOF
+nats-server -c "$work/nats.conf" > "$work/nats.log" 2>&1 &
+nats_pid=$!
+pids+=("$nats_pid")
+
+crier_port=$(free_port)
+target/release/crier --listen "127.0.0.1:$crier_port" --log warn > "$work/crier.log" 2>&1 &
+crier_pid=$!
+pids+=("$crier_pid")
+sleep 1
+
+url_of() {
+    case $1 in
+        crier) echo "ws://127.0.0.1:$crier_port/ws" ;;
+        nats-ws) echo "ws://127.0.0.1:$nats_ws_port" ;;
+    esac
+}
+
+run() {
+    local target=$1
+    shift
+    "$bench" --target "$target" --url "$(url_of "$target")" "$@" | head -n 1 | tee -a "$results"
+}
+
+echo "== fan-out, as fast as subscribers keep up (${REPEAT} runs each, ${DURATION}s)"
+for payload in 64 4096; do
+    for subscribers in 1 100 1000; do
+        for _ in $(seq "$REPEAT"); do
+            for target in crier nats-ws; do
+                run "$target" fanout --subscribers "$subscribers" --payload "$payload" --duration "$DURATION"
+            done
+        done
+    done
+done
+
+echo "== fan-out at 50% of NATS-WS's maximum publish rate: latency"
+for payload in 64 4096; do
+    for subscribers in 1 100 1000; do
+        max=$(python3 - "$results" "$subscribers" "$payload" <<'PY'
+import json, statistics, sys
+path, subscribers, payload = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rates = [r["published_per_s"] for r in map(json.loads, open(path))
+         if r.get("scenario") == "fanout" and r.get("target") == "nats-ws" and r.get("rate") is None
+         and r["subscribers"] == subscribers and r["payload"] == payload]
+print(statistics.median(rates))
+PY
+)
+        rate=$(python3 -c "print(max(1.0, $max / 2))")
+        for _ in $(seq "$REPEAT"); do
+            for target in crier nats-ws; do
+                run "$target" fanout --subscribers "$subscribers" --payload "$payload" --duration "$DURATION" --rate "$rate"
+            done
+        done
+    done
+done
+
+echo "== idle connections"
+run crier connections --connections "$CONNECTIONS" --broker-pid "$crier_pid"
+run nats-ws connections --connections "$CONNECTIONS" --broker-pid "$nats_pid"
+
+echo "== one slow subscriber among fast ones"
+run crier slow --broker-pid "$crier_pid" --duration "$DURATION"
+run nats-ws slow --broker-pid "$nats_pid" --duration "$DURATION"
+
+cp "$results" bench/results.jsonl
+"$bench" report --input bench/results.jsonl --markdown BENCHMARKS.md --chart bench/fanout.svg
+echo "compare.sh: wrote BENCHMARKS.md, bench/fanout.svg and bench/results.jsonl"
