@@ -306,11 +306,25 @@ impl Task {
                     if let Err(end) = self.command(ws, command).await {
                         return end;
                     }
-                    // Whatever else is ready goes out in the same write.
-                    for _ in 0..COALESCE {
-                        let Ok(command) = self.commands.try_recv() else { break };
-                        if let Err(end) = self.command(ws, command).await {
-                            return end;
+                    // Whatever else is ready goes out in the same write. While commands keep
+                    // coming (a publisher in a loop), give the sender one turn to queue more
+                    // before writing: each park and wake of this task costs the sender a
+                    // cross-thread wake-up, more than the message itself.
+                    let mut taken = 1;
+                    let mut waited = false;
+                    while taken < COALESCE {
+                        match self.commands.try_recv() {
+                            Ok(command) => {
+                                if let Err(end) = self.command(ws, command).await {
+                                    return end;
+                                }
+                                taken += 1;
+                            }
+                            Err(_) if taken > 1 && !waited => {
+                                waited = true;
+                                tokio::task::yield_now().await;
+                            }
+                            Err(_) => break,
                         }
                     }
                     if let Err(error) = Self::flush(ws).await {

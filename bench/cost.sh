@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# CPU cost per delivered message, split between the broker and the load generator.
+#
+#   bench/cost.sh BROKER_PID [crier-bench arguments...]
+#   bench/cost.sh "$(pgrep -x crier)" fanout --subscribers 100 --payload 64
+#   bench/cost.sh "$(pgrep -x nats-server)" --target nats-ws --url ws://127.0.0.1:PORT fanout
+#
+# Throughput on a shared, noisy 2-core machine moves by ±15% from run to run; CPU time per
+# delivery moves far less, and says which side (broker or client) a change helped. The broker's
+# share is utime + stime from /proc/PID/stat around one crier-bench run; the client's is the
+# run's own rusage.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+broker=${1:?usage: bench/cost.sh BROKER_PID [crier-bench arguments...]}
+shift
+[ -x target/release/crier-bench ] || cargo build --release -p crier-bench
+
+exec python3 - "$broker" target/release/crier-bench "$@" <<'PY'
+import json, os, subprocess, sys
+
+broker, command = sys.argv[1], sys.argv[2:]
+hz = os.sysconf("SC_CLK_TCK")
+
+def broker_seconds():
+    fields = open(f"/proc/{broker}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / hz  # utime, stime
+
+before = broker_seconds()
+child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+output = child.stdout.read()
+_, status, usage = os.wait4(child.pid, 0)
+broker_cpu = broker_seconds() - before
+if status != 0:
+    sys.exit(f"cost.sh: crier-bench failed ({status})")
+summary = json.loads(output.splitlines()[0])
+delivered = max(summary.get("delivered", 0), 1)
+print(json.dumps({
+    "target": summary.get("target"),
+    "subscribers": summary.get("subscribers"),
+    "payload": summary.get("payload"),
+    "delivered_per_s": summary.get("delivered_per_s"),
+    "broker_cpu_us_per_delivery": round(broker_cpu * 1e6 / delivered, 3),
+    "client_cpu_us_per_delivery": round((usage.ru_utime + usage.ru_stime) * 1e6 / delivered, 3),
+}))
+PY
