@@ -493,17 +493,23 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         }
     });
 
-    // Enough scrapes for rate() over the dashboard's window.
-    eventually("prometheus to have scraped crier a few times", || async {
-        let result = prometheus
-            .query("count_over_time(crier_build_info[1m])")
-            .await;
-        let samples = result["data"]["result"][0]["value"][1]
-            .as_str()?
-            .parse::<f64>()
-            .ok()?;
-        (samples >= 6.0).then_some(())
-    })
+    // Enough scrapes for rate() over the dashboard's window. Six scrapes at 1 s take Prometheus
+    // six seconds at best, and longer while a loaded machine slows its start.
+    let scrapes = Duration::from_secs(30);
+    eventually_within(
+        "prometheus to have scraped crier a few times",
+        scrapes,
+        || async {
+            let result = prometheus
+                .query("count_over_time(crier_build_info[1m])")
+                .await;
+            let samples = result["data"]["result"][0]["value"][1]
+                .as_str()?
+                .parse::<f64>()
+                .ok()?;
+            (samples >= 6.0).then_some(())
+        },
+    )
     .await;
 
     let dashboard: Value = serde_json::from_str(
