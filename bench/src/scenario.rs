@@ -483,6 +483,36 @@ pub struct SlowArgs {
 
 /// One subscriber stops reading among fast ones: the fast ones' latency should not move and
 /// the broker's memory should stay bounded.
+/// One phase of `slow`: publishes at the asked rate for the asked time as stream `stream`, then
+/// waits for the fast subscribers to have it all.
+async fn publish_phase(
+    target: &Target,
+    args: &SlowArgs,
+    stream: u64,
+    epoch: Instant,
+    counters: &[Arc<Counter>],
+) -> Result<(), Error> {
+    let deadline = Instant::now() + Duration::from_secs_f64(args.duration);
+    let sent = publish_loop(
+        target.clone(),
+        stream,
+        vec![args.topic.clone()],
+        args.payload,
+        Some(args.rate),
+        deadline,
+        epoch,
+        None,
+    )
+    .await?;
+    drain(
+        counters,
+        sent * args.subscribers as u64,
+        Duration::from_secs(2),
+    )
+    .await;
+    Ok(())
+}
+
 pub async fn slow(target: &Target, args: &SlowArgs) -> Result<Value, Error> {
     let epoch = Instant::now();
     let subscribers = connect_subscribers(target, &args.topic, args.subscribers).await?;
@@ -505,24 +535,7 @@ pub async fn slow(target: &Target, args: &SlowArgs) -> Result<Value, Error> {
     };
 
     // Phase one: everyone reads.
-    let deadline = Instant::now() + Duration::from_secs_f64(args.duration);
-    let sent = publish_loop(
-        target.clone(),
-        0,
-        vec![args.topic.clone()],
-        args.payload,
-        Some(args.rate),
-        deadline,
-        epoch,
-        None,
-    )
-    .await?;
-    drain(
-        &counters,
-        sent * args.subscribers as u64,
-        Duration::from_secs(2),
-    )
-    .await;
+    publish_phase(target, args, 0, epoch, &counters).await?;
     let _ = stop_tx.send(true);
     let baseline = phase(readers).await?;
 
@@ -553,24 +566,7 @@ pub async fn slow(target: &Target, args: &SlowArgs) -> Result<Value, Error> {
         })
     };
     let rss_before = args.broker_pid.and_then(stats::rss_kib);
-    let deadline = Instant::now() + Duration::from_secs_f64(args.duration);
-    let sent = publish_loop(
-        target.clone(),
-        1,
-        vec![args.topic.clone()],
-        args.payload,
-        Some(args.rate),
-        deadline,
-        epoch,
-        None,
-    )
-    .await?;
-    drain(
-        &counters,
-        sent * args.subscribers as u64,
-        Duration::from_secs(2),
-    )
-    .await;
+    publish_phase(target, args, 1, epoch, &counters).await?;
     let _ = stop_tx.send(true);
     let with_slow = phase(readers).await?;
     sampling.store(false, Ordering::Relaxed);
