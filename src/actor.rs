@@ -1,124 +1,28 @@
-//! One WebSocket connection: its shared handle (identity, outbound queue, socket) and the actor
-//! that owns its lifecycle, reads its frames and keeps its heartbeat.
+//! The connection actor: one per WebSocket, living as long as it does. It reads the client's
+//! frames, answers them through the broker, and keeps the heartbeat (pings, idle and write
+//! timeouts).
 //!
-//! The actor lives as long as the connection does. Outgoing data never travels through the
-//! actor's mailbox: publishers push encoded frames straight into the connection's bounded
-//! [`OutboundQueue`], from whatever thread they run on.
+//! Outgoing data never travels through the actor's mailbox: publishers push encoded frames
+//! straight into the connection's bounded outbound queue, from whatever thread they run on.
 
-use std::collections::HashSet;
-use std::fmt;
-use std::net::SocketAddr;
-use std::os::fd::RawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use actix::{Actor, ActorContext, AsyncContext, Context, SpawnHandle, StreamHandler};
 use actix_http::error::PayloadError;
 use actix_ws::{AggregatedMessage, ProtocolError};
-use parking_lot::Mutex;
 
-use crate::broker::Broker;
-use crate::engine::{SubscribeOptions, Subscribed};
-use crate::frame::{
-    self, CloseCode, Encoding, ErrorCode, FrameError, FrameId, Op, Request, ServerFrame,
-};
-use crate::metrics::Source;
-use crate::queue::OutboundQueue;
-use crate::topic::Subject;
-
-/// A connection's identity, unique within this process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(crate) struct ConnectionId(pub u64);
-
-impl fmt::Display for ConnectionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}", self.0)
-    }
-}
-
-/// What every part of the broker shares about one connection.
-pub(crate) struct Connection {
-    pub id: ConnectionId,
-    pub peer: Option<SocketAddr>,
-    pub encoding: Encoding,
-    /// Whether WebSocket messages may carry several frames (the client asked with `?batch=1`).
-    pub batching: bool,
-    pub connected_at: SystemTime,
-    pub queue: OutboundQueue,
-    subscriptions: AtomicUsize,
-    /// The socket's descriptor while the response body (and so the socket) is alive.
-    socket: Mutex<Option<RawFd>>,
-}
-
-impl Connection {
-    pub(crate) fn new(
-        peer: Option<SocketAddr>,
-        encoding: Encoding,
-        queue: OutboundQueue,
-        socket: Option<RawFd>,
-    ) -> Self {
-        Connection {
-            id: ConnectionId(fastrand::u64(..)),
-            peer,
-            encoding,
-            batching: false,
-            connected_at: SystemTime::now(),
-            queue,
-            subscriptions: AtomicUsize::new(0),
-            socket: Mutex::new(socket),
-        }
-    }
-
-    /// Lets WebSocket messages carry several frames.
-    pub(crate) fn with_batching(mut self, on: bool) -> Self {
-        self.batching = on;
-        self
-    }
-
-    pub(crate) fn subscription_count(&self) -> usize {
-        self.subscriptions.load(Ordering::Relaxed)
-    }
-
-    /// Called when the response body is dropped, before the socket is closed.
-    pub(crate) fn release_socket(&self) {
-        *self.socket.lock() = None;
-    }
-
-    /// Tears the connection down at once, for a socket that takes no bytes: queued data could
-    /// never reach the client, so the socket is reset rather than drained.
-    pub(crate) fn force_close(&self) {
-        let socket = self.socket.lock();
-        if let Some(fd) = *socket {
-            let linger = libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            };
-            // SAFETY: `fd` is open: the body that owns the socket clears `socket` (under this
-            // lock) before the socket is closed. Both calls only change socket state.
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_LINGER,
-                    (&linger as *const libc::linger).cast(),
-                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                );
-                libc::shutdown(fd, libc::SHUT_RDWR);
-            }
-        }
-        drop(socket);
-        self.queue.finish();
-    }
-}
+use crate::broker::{Broker, Refusal};
+use crate::connection::Connection;
+use crate::frame::{self, CloseCode, FrameError, FrameId, Op, Request, ServerFrame};
+use crate::model::{Source, SubscribeOptions, Subscribed};
 
 /// The actor behind one connection.
 pub(crate) struct ConnectionActor {
     broker: Arc<Broker>,
     conn: Arc<Connection>,
-    subscriptions: HashSet<Subject>,
     /// Subscriptions asked for in the upgrade request (`?subscribe=`), made once started.
-    initial: Vec<Subject>,
+    initial: Vec<String>,
     last_seen: Instant,
     last_ping: Instant,
     /// Set once the connection is being closed because of what the client sent.
@@ -127,12 +31,11 @@ pub(crate) struct ConnectionActor {
 }
 
 impl ConnectionActor {
-    pub(crate) fn new(broker: Arc<Broker>, conn: Arc<Connection>, initial: Vec<Subject>) -> Self {
+    pub(crate) fn new(broker: Arc<Broker>, conn: Arc<Connection>, initial: Vec<String>) -> Self {
         let now = Instant::now();
         ConnectionActor {
             broker,
             conn,
-            subscriptions: HashSet::new(),
             initial,
             last_seen: now,
             last_ping: now,
@@ -159,7 +62,7 @@ impl ConnectionActor {
     }
 
     fn reply_error(&self, err: &FrameError) {
-        self.broker.metrics.error_sent(err.code);
+        self.broker.metrics().error_sent(err.code);
         self.reply(&ServerFrame::Error {
             id: err.id.as_ref(),
             code: err.code.as_str(),
@@ -184,58 +87,40 @@ impl ConnectionActor {
             Err(err) => return self.reply_error(&err),
         };
         let id = request.id;
-        match request.op {
-            Op::Subscribe { subject, options } => {
-                if let Err((code, message)) = self.subscribe(subject, &options, id.as_ref()) {
-                    self.reply_error(&FrameError::new(id, code, message));
-                }
+        let refused = |refusal: Refusal| FrameError::new(id.clone(), refusal.code, refusal.message);
+        let answered = match request.op {
+            Op::Subscribe { topic, options } => self.subscribe(&topic, &options, id.as_ref()),
+            Op::Unsubscribe { topic } => self
+                .broker
+                .unsubscribe(&self.conn, &topic)
+                .map(|()| self.ack(id.as_ref(), None)),
+            Op::Publish { topic, data } => self
+                .broker
+                .publish(&topic, data, Source::Ws)
+                .map(|accepted| self.ack(id.as_ref(), Some(accepted.seq))),
+            Op::Ping => {
+                self.reply(&ServerFrame::Pong { id: id.as_ref() });
+                Ok(())
             }
-            Op::Unsubscribe { subject } => {
-                if self.subscriptions.remove(&subject) {
-                    self.broker.engine.unsubscribe(&self.conn, &subject);
-                    self.conn
-                        .subscriptions
-                        .store(self.subscriptions.len(), Ordering::Relaxed);
-                }
-                self.ack(id.as_ref(), None);
-            }
-            Op::Publish { topic, data } => {
-                let limit = self.broker.config.max_message_bytes;
-                if data.len() > limit {
-                    let message = format!("data is {} bytes; the limit is {limit}", data.len());
-                    return self.reply_error(&FrameError::new(
-                        id,
-                        ErrorCode::PayloadTooLarge,
-                        message,
-                    ));
-                }
-                let published = self.broker.engine.publish(&topic, data, Source::Ws);
-                self.ack(id.as_ref(), Some(published.seq));
-            }
-            Op::Ping => self.reply(&ServerFrame::Pong { id: id.as_ref() }),
+        };
+        if let Err(refusal) = answered {
+            self.reply_error(&refused(refusal));
         }
     }
 
     /// Subscribes (or changes an existing subscription's options). The ack, when `id` is given,
-    /// is queued by the engine before any replayed or live message of the subscription.
+    /// is queued before any replayed or live message of the subscription.
     fn subscribe(
-        &mut self,
-        subject: Subject,
+        &self,
+        topic: &str,
         options: &SubscribeOptions,
         id: Option<&FrameId>,
-    ) -> Result<(), (ErrorCode, String)> {
-        let limit = self.broker.config.max_subscriptions;
-        if !self.subscriptions.contains(&subject) && self.subscriptions.len() >= limit {
-            return Err((
-                ErrorCode::TooManySubscriptions,
-                format!("this connection already has {limit} subscriptions, the limit"),
-            ));
-        }
+    ) -> Result<(), Refusal> {
         let conn = &self.conn;
         let mut acknowledge = |subscribed: &Subscribed| {
             let Some(id) = id else { return };
             let (epoch, seq) = match &subscribed.stream {
-                Some((epoch, seq)) => (Some(&**epoch), Some(*seq)),
+                Some(position) => (Some(&*position.epoch), Some(position.seq)),
                 None => (None, None),
             };
             let ack = ServerFrame::Ack {
@@ -247,13 +132,7 @@ impl ConnectionActor {
             conn.queue.push_control(frame::encode(conn.encoding, &ack));
         };
         self.broker
-            .engine
-            .subscribe(&self.conn, &subject, options, &mut acknowledge);
-        self.subscriptions.insert(subject);
-        self.conn
-            .subscriptions
-            .store(self.subscriptions.len(), Ordering::Relaxed);
-        Ok(())
+            .subscribe(conn, topic, options, &mut acknowledge)
     }
 
     /// Closes because of what the client sent: stop reading and send the close frame after what
@@ -269,7 +148,7 @@ impl ConnectionActor {
     }
 
     fn heartbeat(&mut self, ctx: &mut Context<Self>) {
-        let config = &self.broker.config;
+        let config = self.broker.config();
         let now = Instant::now();
         let health = self.conn.queue.health(now);
         if health.finished {
@@ -313,31 +192,28 @@ impl Actor for ConnectionActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let config = &self.broker.config;
+        let config = self.broker.config();
         let period = heartbeat_period(
             config.ping_interval,
             config.idle_timeout,
             config.write_timeout,
         );
         ctx.run_interval(period, |actor, ctx| actor.heartbeat(ctx));
-        for subject in std::mem::take(&mut self.initial) {
-            // Checked against the limits before the upgrade was accepted.
-            let _ = self.subscribe(subject, &SubscribeOptions::default(), None);
+        for topic in std::mem::take(&mut self.initial) {
+            // Checked by the broker before the upgrade was accepted.
+            if let Err(refusal) = self.subscribe(&topic, &SubscribeOptions::default(), None) {
+                self.reply_error(&FrameError::new(None, refusal.code, refusal.message));
+            }
         }
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
-        for subject in self.subscriptions.drain() {
-            self.broker.engine.unsubscribe(&self.conn, &subject);
-        }
-        self.conn.subscriptions.store(0, Ordering::Relaxed);
-        self.conn.queue.finish();
-        self.broker.retire(&self.conn);
+        self.broker.disconnect(&self.conn);
         // A connection that ends without any close handshake was dropped by the network or the
         // client: "abnormal", like the browser's 1006.
         let code = self.conn.queue.closing_code();
         self.broker
-            .metrics
+            .metrics()
             .connection_closed(code.map_or("abnormal", |c| c.metric));
         tracing::debug!(connection = %self.conn.id, code = ?code.map(|c| c.code), "connection closed");
     }
@@ -403,11 +279,11 @@ impl ConnectionActor {
         self.last_seen = Instant::now();
         match item {
             Ok(AggregatedMessage::Text(text)) => {
-                self.broker.metrics.received(text.len());
+                self.broker.metrics().received(text.len());
                 self.handle_request(frame::parse_json(&text));
             }
             Ok(AggregatedMessage::Binary(bytes)) => {
-                self.broker.metrics.received(bytes.len());
+                self.broker.metrics().received(bytes.len());
                 self.handle_request(frame::parse_msgpack(&bytes));
             }
             Ok(AggregatedMessage::Ping(payload)) => {

@@ -8,11 +8,9 @@ use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::broker::Broker;
+use crate::broker::{Accepted, Broker, Refusal};
 use crate::data::Data;
-use crate::frame::ErrorCode;
-use crate::metrics::Source;
-use crate::topic;
+use crate::model::{ErrorCode, Source};
 
 #[derive(Debug)]
 pub(crate) struct ApiError {
@@ -36,6 +34,19 @@ impl ApiError {
 
     fn from_code(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         ApiError::new(status, code.as_str(), message)
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        let status = match refusal.code {
+            ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::BadFrame
+            | ErrorCode::UnknownOp
+            | ErrorCode::InvalidTopic
+            | ErrorCode::TooManySubscriptions => StatusCode::BAD_REQUEST,
+        };
+        ApiError::from_code(status, refusal.code, refusal.message)
     }
 }
 
@@ -143,22 +154,6 @@ async fn read_body(payload: web::Payload, limit: usize) -> Result<web::Bytes, Ap
     }
 }
 
-fn check_topic(topic: &str) -> Result<(), ApiError> {
-    topic::validate_topic(topic)
-        .map_err(|e| ApiError::from_code(StatusCode::BAD_REQUEST, ErrorCode::InvalidTopic, e.0))
-}
-
-fn check_size(data: &Data, limit: usize) -> Result<(), ApiError> {
-    if data.len() > limit {
-        return Err(ApiError::from_code(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorCode::PayloadTooLarge,
-            format!("data is {} bytes; the limit is {limit}", data.len()),
-        ));
-    }
-    Ok(())
-}
-
 #[derive(Serialize)]
 struct PublishResult {
     topic: String,
@@ -166,12 +161,13 @@ struct PublishResult {
     receivers: usize,
 }
 
-fn publish(broker: &Broker, topic: String, data: Data) -> PublishResult {
-    let published = broker.engine.publish(&topic, data, Source::Http);
-    PublishResult {
-        topic,
-        seq: published.seq,
-        receivers: published.receivers,
+impl PublishResult {
+    fn new(topic: String, accepted: Accepted) -> Self {
+        PublishResult {
+            topic,
+            seq: accepted.seq,
+            receivers: accepted.receivers,
+        }
     }
 }
 
@@ -183,17 +179,17 @@ async fn publish_one(
     broker: web::Data<Broker>,
 ) -> Result<HttpResponse, ApiError> {
     let topic = topic.into_inner();
-    check_topic(&topic)?;
+    // Before reading a body that could not be published anyway.
+    broker.check_topic(&topic)?;
     let encoding = body_encoding(&req)?;
-    let limit = broker.config.max_message_bytes;
-    let body = read_body(payload, limit).await?;
+    let body = read_body(payload, broker.config().max_message_bytes).await?;
     let data = match encoding {
         BodyEncoding::Json => Data::from_json(body),
         BodyEncoding::Msgpack => Data::from_msgpack(body),
     }
     .map_err(|e| ApiError::bad_request(e.0))?;
-    check_size(&data, limit)?;
-    Ok(HttpResponse::Ok().json(publish(&broker, topic, data)))
+    let accepted = broker.publish(&topic, data, Source::Http)?;
+    Ok(HttpResponse::Ok().json(PublishResult::new(topic, accepted)))
 }
 
 #[derive(Deserialize)]
@@ -209,7 +205,7 @@ async fn publish_batch(
     broker: web::Data<Broker>,
 ) -> Result<HttpResponse, ApiError> {
     let encoding = body_encoding(&req)?;
-    let body = read_body(payload, broker.config.max_batch_bytes).await?;
+    let body = read_body(payload, broker.config().max_batch_bytes).await?;
     let items: Vec<(String, Data)> = match encoding {
         BodyEncoding::Json => {
             serde_json::from_slice::<Vec<BatchItem<&serde_json::value::RawValue>>>(&body)
@@ -235,20 +231,11 @@ async fn publish_batch(
             .map(|item| (item.topic, Data::from_msgpack_value(&item.data)))
             .collect(),
     };
-    for (i, (topic, data)) in items.iter().enumerate() {
-        let in_item = |e: ApiError| ApiError {
-            message: format!("item {i}: {}", e.message),
-            ..e
-        };
-        check_topic(topic).map_err(in_item)?;
-        check_size(data, broker.config.max_message_bytes).map_err(in_item)?;
-    }
-    let results: Vec<PublishResult> = crate::queue::coalescing_wakes(|| {
-        items
-            .into_iter()
-            .map(|(topic, data)| publish(&broker, topic, data))
-            .collect()
-    });
+    let results: Vec<PublishResult> = broker
+        .publish_batch(items, Source::Http)?
+        .into_iter()
+        .map(|(topic, accepted)| PublishResult::new(topic, accepted))
+        .collect();
     Ok(HttpResponse::Ok().json(json!({ "results": results })))
 }
 
@@ -259,7 +246,7 @@ struct Limit {
 
 /// `GET /api/topics`
 async fn list_topics(query: web::Query<Limit>, broker: web::Data<Broker>) -> HttpResponse {
-    let mut topics = broker.engine.topics();
+    let mut topics = broker.topics();
     topics.truncate(query.limit.unwrap_or(usize::MAX));
     HttpResponse::Ok().json(json!({ "topics": topics }))
 }
@@ -283,11 +270,9 @@ async fn topic_history(
     query: web::Query<HistoryQuery>,
     broker: web::Data<Broker>,
 ) -> Result<HttpResponse, ApiError> {
-    check_topic(&topic)?;
     let since = query.since.unwrap_or(0);
     let page = broker
-        .engine
-        .history(&topic, since, query.limit.unwrap_or(usize::MAX))
+        .history(&topic, since, query.limit.unwrap_or(usize::MAX))?
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -296,19 +281,20 @@ async fn topic_history(
             )
         })?;
     let messages: Vec<HistoryMessage> = page
-        .messages
+        .publications
         .iter()
-        .map(|(seq, data)| HistoryMessage {
-            seq: *seq,
-            data: data.to_json(),
+        .map(|p| HistoryMessage {
+            seq: p.seq,
+            data: p.data.to_json(),
         })
         .collect();
     // Like a subscribe's `recovered`: whether every message after `since` is here.
-    let complete = since >= page.seq || page.oldest.is_some_and(|oldest| oldest <= since + 1);
+    let complete =
+        since >= page.position.seq || page.oldest.is_some_and(|oldest| oldest <= since + 1);
     Ok(HttpResponse::Ok().json(json!({
         "topic": topic.into_inner(),
-        "epoch": page.epoch,
-        "seq": page.seq,
+        "epoch": page.position.epoch,
+        "seq": page.position.seq,
         "oldest": page.oldest,
         "complete": complete,
         "messages": messages,
@@ -331,7 +317,7 @@ struct ConnectionInfo {
 /// `GET /api/connections`: the most backed-up first.
 async fn list_connections(query: web::Query<Limit>, broker: web::Data<Broker>) -> HttpResponse {
     let mut connections: Vec<ConnectionInfo> = broker
-        .live_connections()
+        .connections()
         .iter()
         .map(|c| {
             let stats = c.queue.stats();
@@ -365,7 +351,7 @@ async fn healthz() -> HttpResponse {
 async fn metrics(broker: web::Data<Broker>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type(prometheus::TEXT_FORMAT)
-        .body(broker.metrics.render())
+        .body(broker.metrics().render())
 }
 
 async fn readyz(broker: web::Data<Broker>) -> HttpResponse {

@@ -1,60 +1,359 @@
-//! The broker's shared state: configuration, the engine, and the live connections.
+//! The broker: the one door through which the HTTP API and the connection actors publish,
+//! subscribe, read history and look at topics and connections.
+//!
+//! Behind it, the backend (`crate::backend`) assigns seqs and keeps history, and the hub
+//! (`crate::hub`) delivers to this node's subscribers. What a request may do is decided here,
+//! once for every protocol: topics are validated, sizes and subscription counts limited.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
-use dashmap::DashMap;
+use serde::Serialize;
 
+use crate::backend::memory::MemoryBackend;
+use crate::backend::{Backend, DeliverySink, HistoryPage, HistoryQuery};
 use crate::config::Config;
-use crate::connection::{Connection, ConnectionId};
-use crate::engine::Engine;
-use crate::frame::{CloseCode, Limits};
-use crate::metrics::Metrics;
-use crate::registry::TopicRegistry;
+use crate::connection::Connection;
+use crate::connections::{ConnectionCollector, ConnectionTable};
+use crate::data::Data;
+use crate::frame::CloseCode;
+use crate::hub::Hub;
+use crate::metrics::{ComputedGauges, Metrics};
+use crate::model::{ErrorCode, Replay, Source, SubscribeOptions, Subscribed};
+use crate::queue;
+use crate::topic::{self, Subject};
 
 pub(crate) struct Broker {
-    pub config: Config,
-    pub engine: Box<dyn Engine>,
-    pub metrics: Arc<Metrics>,
-    pub connections: DashMap<ConnectionId, Arc<Connection>>,
-    /// Sent to every client in `welcome`.
-    pub limits: Limits,
+    config: Config,
+    metrics: Arc<Metrics>,
+    hub: Arc<Hub>,
+    backend: Arc<dyn Backend>,
+    connections: Arc<ConnectionTable>,
     shutting_down: AtomicBool,
 }
 
+/// A request the broker will not carry out, and why; each protocol words it its own way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// A publish as the broker answers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Accepted {
+    pub seq: u64,
+    /// Connections on this node the message was queued for.
+    pub receivers: usize,
+}
+
+/// One topic as `GET /api/topics` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct TopicInfo {
+    pub name: Arc<str>,
+    pub subscribers: usize,
+    pub seq: u64,
+    pub epoch: Arc<str>,
+    pub history: usize,
+}
+
+/// Counts for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct EngineStats {
+    pub topics_with_subscribers: usize,
+    pub patterns: usize,
+    pub history_messages: usize,
+    pub history_bytes: usize,
+}
+
 impl Broker {
+    /// A broker with the in-memory backend.
     pub(crate) fn new(config: Config) -> Arc<Self> {
-        let limits = Limits {
-            max_message_bytes: config.max_message_bytes,
-            max_frame_bytes: config.max_frame_bytes(),
-            max_buffered_bytes: config.max_buffered_bytes,
-            max_subscriptions: config.max_subscriptions,
-            slow_consumer: config.slow_consumer.as_str(),
-            ping_interval_ms: millis(config.ping_interval),
-            idle_timeout_ms: millis(config.idle_timeout),
-        };
-        Arc::new_cyclic(|broker| {
-            let metrics = Arc::new(Metrics::new(
-                &config.metrics_namespaces,
-                config.max_buffered_bytes,
-                broker.clone(),
+        Broker::with_backend(config, |config, metrics, sink| {
+            Arc::new(MemoryBackend::new(config, metrics, sink))
+        })
+    }
+
+    /// A broker with the backend `make` builds around this node's delivery sink.
+    pub(crate) fn with_backend(
+        config: Config,
+        make: impl FnOnce(&Config, Arc<Metrics>, Arc<dyn DeliverySink>) -> Arc<dyn Backend>,
+    ) -> Arc<Self> {
+        let metrics = Arc::new(Metrics::new(&config.metrics_namespaces));
+        let hub = Arc::new(Hub::new(&config, metrics.clone()));
+        let backend = make(&config, metrics.clone(), hub.clone());
+        let connections = Arc::new(ConnectionTable::default());
+        metrics.register(Box::new(ConnectionCollector::new(
+            Arc::downgrade(&connections),
+            config.max_buffered_bytes,
+        )));
+        Arc::new_cyclic(|broker: &std::sync::Weak<Broker>| {
+            let stat = |read: fn(EngineStats) -> usize| {
+                let broker = broker.clone();
+                move || broker.upgrade().map_or(0.0, |b| read(b.stats()) as f64)
+            };
+            metrics.register(Box::new(
+                ComputedGauges::new()
+                    .gauge(
+                        "crier_topics",
+                        "Topics with at least one exact subscription now.",
+                        stat(|s| s.topics_with_subscribers),
+                    )
+                    .gauge(
+                        "crier_patterns",
+                        "Pattern subscriptions now.",
+                        stat(|s| s.patterns),
+                    )
+                    .gauge(
+                        "crier_history_messages",
+                        "Messages held in topic histories.",
+                        stat(|s| s.history_messages),
+                    )
+                    .gauge(
+                        "crier_history_bytes",
+                        "Bytes held in topic histories (data, encoded frames, bookkeeping).",
+                        stat(|s| s.history_bytes),
+                    ),
             ));
             Broker {
-                engine: Box::new(TopicRegistry::new(&config, metrics.clone())),
-                metrics,
-                connections: DashMap::new(),
-                limits,
-                shutting_down: AtomicBool::new(false),
                 config,
+                metrics,
+                hub,
+                backend,
+                connections,
+                shutting_down: AtomicBool::new(false),
             }
         })
     }
 
-    /// Forgets a connection that has ended, keeping its totals in the metrics.
-    pub(crate) fn retire(&self, conn: &Connection) {
-        self.metrics.retire(conn.queue.stats(), || {
-            self.connections.remove(&conn.id);
-        });
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// What the backend is called, for the logs.
+    pub(crate) fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// Refuses topics that messages cannot be published to.
+    pub(crate) fn check_topic(&self, topic: &str) -> Result<(), Refusal> {
+        topic::validate_topic(topic).map_err(|e| Refusal::new(ErrorCode::InvalidTopic, e.0))
+    }
+
+    fn check_size(&self, data: &Data) -> Result<(), Refusal> {
+        let limit = self.config.max_message_bytes;
+        if data.len() > limit {
+            return Err(Refusal::new(
+                ErrorCode::PayloadTooLarge,
+                format!("data is {} bytes; the limit is {limit}", data.len()),
+            ));
+        }
+        Ok(())
+    }
+
+    fn subject(&self, topic: &str) -> Result<Subject, Refusal> {
+        Subject::parse(topic).map_err(|e| Refusal::new(ErrorCode::InvalidTopic, e.0))
+    }
+
+    /// Publishes `data` on `topic`.
+    pub(crate) fn publish(
+        &self,
+        topic: &str,
+        data: Data,
+        source: Source,
+    ) -> Result<Accepted, Refusal> {
+        self.check_topic(topic)?;
+        self.check_size(&data)?;
+        Ok(self.publish_checked(topic, data, source))
+    }
+
+    /// Publishes every item, or none if any is refused.
+    pub(crate) fn publish_batch(
+        &self,
+        items: Vec<(String, Data)>,
+        source: Source,
+    ) -> Result<Vec<(String, Accepted)>, Refusal> {
+        for (i, (topic, data)) in items.iter().enumerate() {
+            self.check_topic(topic)
+                .and_then(|()| self.check_size(data))
+                .map_err(|e| Refusal::new(e.code, format!("item {i}: {}", e.message)))?;
+        }
+        // Each subscriber's writer is woken once for the whole batch.
+        Ok(queue::coalescing_wakes(|| {
+            items
+                .into_iter()
+                .map(|(topic, data)| {
+                    let accepted = self.publish_checked(&topic, data, source);
+                    (topic, accepted)
+                })
+                .collect()
+        }))
+    }
+
+    fn publish_checked(&self, topic: &str, data: Data, source: Source) -> Accepted {
+        let published = self.backend.publish(topic, data);
+        self.metrics
+            .published(self.metrics.namespace(topic), source);
+        Accepted {
+            seq: published.position.seq,
+            receivers: published
+                .receivers
+                .unwrap_or_else(|| self.hub.receivers(topic)),
+        }
+    }
+
+    /// Subscribes `conn` to `topic` (a topic or a pattern), or changes how an existing
+    /// subscription delivers. `acknowledge` runs before any message of the subscription is
+    /// queued, so the acknowledgement comes first on the wire.
+    pub(crate) fn subscribe(
+        &self,
+        conn: &Arc<Connection>,
+        topic: &str,
+        options: &SubscribeOptions,
+        acknowledge: &mut dyn FnMut(&Subscribed),
+    ) -> Result<(), Refusal> {
+        let subject = self.subject(topic)?;
+        if matches!(subject, Subject::Pattern(_)) && matches!(options.replay, Replay::Since { .. })
+        {
+            return Err(Refusal::new(
+                ErrorCode::BadFrame,
+                "since needs an exact topic: a pattern spans several streams",
+            ));
+        }
+        let limit = self.config.max_subscriptions;
+        if !conn.with_subscriptions(|s| s.contains(&subject) || s.len() < limit) {
+            return Err(Refusal::new(
+                ErrorCode::TooManySubscriptions,
+                format!("this connection already has {limit} subscriptions, the limit"),
+            ));
+        }
+        self.hub
+            .subscribe(&*self.backend, conn, &subject, options, acknowledge);
+        conn.with_subscriptions(|s| s.insert(subject));
+        Ok(())
+    }
+
+    /// Ends `conn`'s subscription to `topic`; one it does not have is ignored.
+    pub(crate) fn unsubscribe(&self, conn: &Connection, topic: &str) -> Result<(), Refusal> {
+        let subject = self.subject(topic)?;
+        if conn.with_subscriptions(|s| s.remove(&subject)) {
+            self.hub.unsubscribe(&*self.backend, conn.id, &subject);
+        }
+        Ok(())
+    }
+
+    /// Checks the subscriptions a connection asks for in its upgrade request (`?subscribe=`,
+    /// comma-separated) before it is accepted; returns them without repeats.
+    pub(crate) fn check_subscriptions(&self, list: &str) -> Result<Vec<String>, Refusal> {
+        let mut subjects: Vec<Subject> = Vec::new();
+        let mut topics = Vec::new();
+        for topic in list.split(',').filter(|t| !t.is_empty()) {
+            let subject = self.subject(topic)?;
+            if !subjects.contains(&subject) {
+                subjects.push(subject);
+                topics.push(topic.to_owned());
+            }
+        }
+        let limit = self.config.max_subscriptions;
+        if topics.len() > limit {
+            return Err(Refusal::new(
+                ErrorCode::TooManySubscriptions,
+                format!("{} subscriptions asked; the limit is {limit}", topics.len()),
+            ));
+        }
+        Ok(topics)
+    }
+
+    /// The messages after `since` that `topic`'s history holds, at most `limit`; None for a
+    /// topic that does not exist.
+    pub(crate) fn history(
+        &self,
+        topic: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<Option<HistoryPage>, Refusal> {
+        self.check_topic(topic)?;
+        Ok(self
+            .backend
+            .history(topic, HistoryQuery::After { seq: since, limit }))
+    }
+
+    /// Every topic with subscribers on this node or a seq, by name.
+    pub(crate) fn topics(&self) -> Vec<TopicInfo> {
+        let mut topics: Vec<TopicInfo> = self
+            .backend
+            .streams()
+            .into_iter()
+            .filter_map(|stream| {
+                let subscribers = self.hub.receivers(&stream.name);
+                (subscribers > 0 || stream.position.seq > 0).then_some(TopicInfo {
+                    subscribers,
+                    seq: stream.position.seq,
+                    epoch: stream.position.epoch,
+                    history: stream.history,
+                    name: stream.name,
+                })
+            })
+            .collect();
+        topics.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        topics
+    }
+
+    pub(crate) fn stats(&self) -> EngineStats {
+        let hub = self.hub.stats();
+        let backend = self.backend.stats();
+        EngineStats {
+            topics_with_subscribers: hub.topics,
+            patterns: hub.patterns,
+            history_messages: backend.history_messages,
+            history_bytes: backend.history_bytes,
+        }
+    }
+
+    /// Periodic housekeeping: expires history and forgets idle topics.
+    pub(crate) fn sweep(&self, now: Instant) {
+        self.backend.sweep(now);
+        self.hub.sweep(now);
+    }
+
+    /// Takes a new connection in.
+    pub(crate) fn connect(&self, conn: Arc<Connection>) {
+        self.connections.insert(conn);
+        self.metrics.connection_accepted();
+    }
+
+    /// Ends every subscription of a connection that has closed, discards what is still queued
+    /// for it and forgets it, keeping its totals in the metrics.
+    pub(crate) fn disconnect(&self, conn: &Connection) {
+        let subjects: Vec<Subject> = conn.with_subscriptions(|s| s.drain().collect());
+        for subject in subjects {
+            self.hub.unsubscribe(&*self.backend, conn.id, &subject);
+        }
+        conn.queue.finish();
+        self.connections.retire(conn);
+    }
+
+    /// A snapshot of the open connections.
+    pub(crate) fn connections(&self) -> Vec<Arc<Connection>> {
+        self.connections.snapshot()
+    }
+
+    pub(crate) fn connection_count(&self) -> usize {
+        self.connections.len()
     }
 
     pub(crate) fn is_shutting_down(&self) -> bool {
@@ -65,17 +364,513 @@ impl Broker {
     /// already queued for it has been sent.
     pub(crate) fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Relaxed);
-        for conn in self.live_connections() {
+        for conn in self.connections() {
             conn.queue.close(CloseCode::GOING_AWAY, false);
         }
     }
+}
 
-    /// A snapshot of the open connections (never hold a map reference while using them).
-    pub(crate) fn live_connections(&self) -> Vec<Arc<Connection>> {
-        self.connections.iter().map(|c| c.value().clone()).collect()
+/// What the crate's tests use to drive a broker without sockets.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use crate::config::SlowConsumerPolicy;
+    use crate::frame::decode_for_test;
+    use crate::model::Encoding;
+    use crate::queue::OutboundQueue;
+    use bytes::Bytes;
+    use serde_json::Value;
+
+    /// A connection with a 1 MiB queue, not registered anywhere.
+    pub(crate) fn conn(encoding: Encoding) -> Arc<Connection> {
+        let metrics = Arc::new(Metrics::new(&[]));
+        Arc::new(Connection::new(
+            None,
+            encoding,
+            OutboundQueue::new(1 << 20, SlowConsumerPolicy::DropOldest, metrics),
+            None,
+        ))
+    }
+
+    pub(crate) fn json(s: &str) -> Data {
+        Data::Json(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    /// Frames waiting for the connection, decoded.
+    pub(crate) fn received(conn: &Connection) -> Vec<Value> {
+        conn.queue
+            .drain_ready()
+            .iter()
+            .map(decode_for_test)
+            .collect()
+    }
+
+    /// Publishes each number in `numbers` on `topic`, the number as its data.
+    pub(crate) fn publish_numbers(
+        broker: &Broker,
+        topic: &str,
+        numbers: std::ops::RangeInclusive<u64>,
+    ) {
+        for i in numbers {
+            broker
+                .publish(topic, json(&i.to_string()), Source::Http)
+                .unwrap();
+        }
+    }
+
+    pub(crate) fn seqs(frames: &[Value]) -> Vec<u64> {
+        frames
+            .iter()
+            .filter(|f| f["op"] == "message")
+            .map(|f| f["seq"].as_u64().unwrap())
+            .collect()
+    }
+
+    /// Subscribes; returns what the acknowledgement reported.
+    pub(crate) fn subscribe(
+        broker: &Broker,
+        conn: &Arc<Connection>,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> Subscribed {
+        let mut ack = None;
+        broker
+            .subscribe(conn, topic, &options, &mut |s| ack = Some(s.clone()))
+            .unwrap();
+        ack.expect("acknowledged")
+    }
+
+    pub(crate) fn since(epoch: &str, seq: u64) -> SubscribeOptions {
+        SubscribeOptions {
+            replay: Replay::Since {
+                epoch: epoch.into(),
+                seq,
+            },
+            ..Default::default()
+        }
+    }
+
+    pub(crate) fn rewind(n: usize) -> SubscribeOptions {
+        SubscribeOptions {
+            replay: Replay::Rewind(n),
+            ..Default::default()
+        }
     }
 }
 
-fn millis(d: std::time::Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use crate::model::{DeliveryMode, Encoding, StreamPosition};
+    use serde_json::json;
+    use std::time::Duration;
+
+    fn broker_with(adjust: impl FnOnce(&mut Config)) -> Arc<Broker> {
+        let mut config = Config::default();
+        adjust(&mut config);
+        Broker::new(config)
+    }
+
+    fn broker() -> Arc<Broker> {
+        broker_with(|_| {})
+    }
+
+    fn refusal(result: Result<(), Refusal>) -> ErrorCode {
+        result.unwrap_err().code
+    }
+
+    #[test]
+    fn topics_are_validated_once_here_for_every_request() {
+        let broker = broker_with(|c| {
+            c.max_message_bytes = 10;
+            c.max_subscriptions = 2;
+        });
+        let a = conn(Encoding::Json);
+        let ack = &mut |_: &Subscribed| {};
+        let default = SubscribeOptions::default();
+        assert_eq!(
+            refusal(broker.subscribe(&a, "a..b", &default, ack)),
+            ErrorCode::InvalidTopic
+        );
+        assert_eq!(
+            refusal(broker.unsubscribe(&a, "a.>.b")),
+            ErrorCode::InvalidTopic
+        );
+        assert_eq!(
+            broker
+                .publish("a.*", json("1"), Source::Ws)
+                .unwrap_err()
+                .code,
+            ErrorCode::InvalidTopic
+        );
+        assert_eq!(
+            broker
+                .publish("a", json(&"1".repeat(11)), Source::Ws)
+                .unwrap_err(),
+            Refusal::new(
+                ErrorCode::PayloadTooLarge,
+                "data is 11 bytes; the limit is 10"
+            )
+        );
+        assert_eq!(
+            broker.history("a..b", 0, 1).unwrap_err().code,
+            ErrorCode::InvalidTopic
+        );
+        assert_eq!(
+            refusal(broker.subscribe(&a, "t.*", &since("e", 1), ack)),
+            ErrorCode::BadFrame,
+            "since needs an exact topic"
+        );
+        let batch = vec![("ok".into(), json("1")), ("not ok.".into(), json("2"))];
+        let refused = broker.publish_batch(batch, Source::Http).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::InvalidTopic);
+        assert!(
+            refused.message.starts_with("item 1: "),
+            "{}",
+            refused.message
+        );
+        assert!(
+            broker.topics().is_empty(),
+            "a refused batch publishes nothing"
+        );
+
+        // The subscription limit counts distinct subscriptions; changing one is not another.
+        broker.subscribe(&a, "x", &default, ack).unwrap();
+        broker.subscribe(&a, "y.*", &default, ack).unwrap();
+        broker.subscribe(&a, "x", &rewind(1), ack).unwrap();
+        assert_eq!(
+            refusal(broker.subscribe(&a, "z", &default, ack)),
+            ErrorCode::TooManySubscriptions
+        );
+        assert_eq!(a.subscription_count(), 2);
+        assert_eq!(
+            broker.check_subscriptions("a,b.*,a").unwrap(),
+            vec!["a".to_owned(), "b.*".to_owned()]
+        );
+        assert_eq!(
+            broker.check_subscriptions("a,b,c").unwrap_err().code,
+            ErrorCode::TooManySubscriptions
+        );
+        assert_eq!(
+            broker.check_subscriptions("a,b..c").unwrap_err().code,
+            ErrorCode::InvalidTopic
+        );
+    }
+
+    #[test]
+    fn disconnecting_ends_every_subscription() {
+        let broker = broker();
+        let a = conn(Encoding::Json);
+        broker.connect(a.clone());
+        subscribe(&broker, &a, "t", SubscribeOptions::default());
+        subscribe(&broker, &a, "p.*", SubscribeOptions::default());
+        assert_eq!((broker.connection_count(), broker.stats().patterns), (1, 1));
+        broker.disconnect(&a);
+        assert_eq!(broker.connection_count(), 0);
+        assert_eq!(
+            broker
+                .publish("t", json("1"), Source::Ws)
+                .unwrap()
+                .receivers,
+            0
+        );
+        assert_eq!(
+            broker
+                .publish("p.q", json("1"), Source::Ws)
+                .unwrap()
+                .receivers,
+            0
+        );
+        let stats = broker.stats();
+        assert_eq!((stats.topics_with_subscribers, stats.patterns), (0, 0));
+        assert_eq!(a.subscription_count(), 0);
+    }
+
+    #[test]
+    fn sequences_count_per_topic_and_receivers_are_counted_once() {
+        let broker = broker();
+        let (a, b) = (conn(Encoding::Json), conn(Encoding::Msgpack));
+        subscribe(&broker, &a, "x.y", SubscribeOptions::default());
+        subscribe(&broker, &a, "x.*", SubscribeOptions::default());
+        subscribe(&broker, &b, "x.>", SubscribeOptions::default());
+        for (topic, data, source, expected) in [
+            ("x.y", "1", Source::Http, (1, 2)),
+            ("x.y", "2", Source::Http, (2, 2)),
+            ("x.z", "3", Source::Http, (1, 2)),
+            ("q", "4", Source::Ws, (1, 0)),
+        ] {
+            let accepted = broker.publish(topic, json(data), source).unwrap();
+            assert_eq!(
+                (accepted.seq, accepted.receivers),
+                expected,
+                "{topic} {data}"
+            );
+        }
+        assert_eq!(seqs(&received(&a)), vec![1, 2, 1]);
+        assert_eq!(seqs(&received(&b)), vec![1, 2, 1]);
+        let names: Vec<_> = broker
+            .topics()
+            .iter()
+            .map(|t| (t.name.to_string(), t.subscribers, t.seq))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("q".into(), 0, 1),
+                ("x.y".into(), 2, 2),
+                ("x.z".into(), 2, 1)
+            ]
+        );
+        let stats = broker.stats();
+        assert_eq!(
+            (
+                stats.topics_with_subscribers,
+                stats.patterns,
+                stats.history_messages
+            ),
+            (1, 2, 4)
+        );
+    }
+
+    #[test]
+    fn idle_topics_are_forgotten_and_restart_with_a_new_epoch() {
+        let broker = broker_with(|c| c.history_size = 0);
+        let a = conn(Encoding::Json);
+        let first = subscribe(&broker, &a, "t", SubscribeOptions::default());
+        broker.publish("t", json("1"), Source::Ws).unwrap();
+        broker.unsubscribe(&a, "t").unwrap();
+        broker.sweep(Instant::now());
+        assert_eq!(
+            broker.topics().len(),
+            1,
+            "keeps its sequence for the topic ttl"
+        );
+        broker.sweep(Instant::now() + Duration::from_secs(301));
+        assert!(broker.topics().is_empty());
+        assert_eq!(broker.publish("t", json("1"), Source::Ws).unwrap().seq, 1);
+        let again = subscribe(&broker, &a, "t", SubscribeOptions::default());
+        assert_ne!(
+            first.stream.unwrap().epoch,
+            again.stream.unwrap().epoch,
+            "a new stream, a new epoch"
+        );
+    }
+
+    #[test]
+    fn history_keeps_the_last_n_messages() {
+        let broker = broker_with(|c| c.history_size = 3);
+        publish_numbers(&broker, "t", 1..=5);
+        let page = broker.history("t", 0, 100).unwrap().unwrap();
+        assert_eq!((page.position.seq, page.oldest), (5, Some(3)));
+        assert_eq!(
+            page.publications.iter().map(|p| p.seq).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
+        let page = broker.history("t", 3, 1).unwrap().unwrap();
+        assert_eq!(
+            page.publications
+                .iter()
+                .map(|p| (p.seq, p.data.clone()))
+                .collect::<Vec<_>>(),
+            vec![(4, json("4"))]
+        );
+        assert!(broker.history("nope", 0, 10).unwrap().is_none());
+    }
+
+    #[test]
+    fn history_expires_after_its_ttl() {
+        let broker = broker_with(|c| c.history_ttl = Duration::from_millis(50));
+        broker.publish("t", json("1"), Source::Http).unwrap();
+        assert_eq!(broker.stats().history_messages, 1);
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(
+            broker
+                .history("t", 0, 10)
+                .unwrap()
+                .unwrap()
+                .publications
+                .is_empty(),
+            "readers never see expired messages"
+        );
+        broker.sweep(Instant::now());
+        assert_eq!(
+            (
+                broker.stats().history_messages,
+                broker.stats().history_bytes
+            ),
+            (0, 0)
+        );
+    }
+
+    #[test]
+    fn the_global_cap_evicts_the_oldest_messages_of_all_topics_first() {
+        let data = format!("\"{}\"", "x".repeat(98));
+        let publish_all = |broker: &Broker, topics: &[&str]| {
+            let a = conn(Encoding::Json);
+            subscribe(broker, &a, ">", SubscribeOptions::default());
+            for topic in topics {
+                broker.publish(topic, json(&data), Source::Http).unwrap();
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        };
+        // What one retained message counts for: its data, its encoded frame, bookkeeping.
+        let probe = broker();
+        publish_all(&probe, &["one"]);
+        let each = probe.stats().history_bytes;
+        assert!(each > data.len(), "{each}");
+
+        let cap = each * 7 / 2;
+        let broker = broker_with(|c| c.history_max_bytes = cap);
+        publish_all(&broker, &["old", "mid", "new", "old", "new"]);
+        let held = |t: &str| {
+            broker
+                .history(t, 0, 100)
+                .unwrap()
+                .unwrap()
+                .publications
+                .iter()
+                .map(|p| p.seq)
+                .collect::<Vec<_>>()
+        };
+        // Publish order: old#1, mid#1, new#1, old#2, new#2; three fit, the two oldest went.
+        assert_eq!(held("old"), vec![2]);
+        assert_eq!(held("mid"), Vec::<u64>::new());
+        assert_eq!(held("new"), vec![1, 2]);
+        assert_eq!(
+            (
+                broker.stats().history_messages,
+                broker.stats().history_bytes
+            ),
+            (3, 3 * each)
+        );
+    }
+
+    #[test]
+    fn recovery_replays_what_was_missed_after_the_ack() {
+        let broker = broker();
+        let a = conn(Encoding::Json);
+        let ack = subscribe(&broker, &a, "t", SubscribeOptions::default());
+        let StreamPosition { epoch, seq } = ack.stream.unwrap();
+        assert_eq!(seq, 0);
+        publish_numbers(&broker, "t", 1..=5);
+        broker.unsubscribe(&a, "t").unwrap();
+        let _ = received(&a);
+        publish_numbers(&broker, "t", 6..=8);
+
+        let b = conn(Encoding::Msgpack);
+        let ack = subscribe(&broker, &b, "t", since(&epoch, 5));
+        assert_eq!((ack.stream.unwrap().seq, ack.recovered), (8, Some(true)));
+        broker.publish("t", json("9"), Source::Http).unwrap();
+        assert_eq!(
+            seqs(&received(&b)),
+            vec![6, 7, 8, 9],
+            "replay, then live, nothing twice"
+        );
+
+        let c = conn(Encoding::Json);
+        assert_eq!(
+            subscribe(&broker, &c, "t", since(&epoch, 9)).recovered,
+            Some(true),
+            "up to date"
+        );
+        assert!(received(&c).is_empty());
+        assert_eq!(
+            subscribe(&broker, &c, "t", since("another", 3)).recovered,
+            Some(false),
+            "epoch changed"
+        );
+        assert!(
+            received(&c).is_empty(),
+            "another stream's seqs mean nothing"
+        );
+        assert_eq!(
+            subscribe(&broker, &c, "t", since(&epoch, 99)).recovered,
+            Some(false),
+            "from the future"
+        );
+    }
+
+    #[test]
+    fn recovery_past_what_history_holds_is_partial() {
+        let broker = broker_with(|c| c.history_size = 2);
+        let a = conn(Encoding::Json);
+        let epoch = subscribe(&broker, &a, "t", SubscribeOptions::default())
+            .stream
+            .unwrap()
+            .epoch;
+        publish_numbers(&broker, "t", 1..=5);
+        let b = conn(Encoding::Json);
+        let ack = subscribe(&broker, &b, "t", since(&epoch, 1));
+        assert_eq!(ack.recovered, Some(false));
+        assert_eq!(seqs(&received(&b)), vec![4, 5], "what history still holds");
+        let c = conn(Encoding::Json);
+        assert_eq!(
+            subscribe(&broker, &c, "t", since(&epoch, 3)).recovered,
+            Some(true)
+        );
+        assert_eq!(seqs(&received(&c)), vec![4, 5]);
+    }
+
+    #[test]
+    fn rewind_replays_the_last_messages_of_a_topic_or_of_every_matching_topic() {
+        let broker = broker();
+        for (topic, n) in [("metrics.cpu", 3), ("metrics.mem", 2), ("other", 2)] {
+            publish_numbers(&broker, topic, 1..=n);
+        }
+        let a = conn(Encoding::Json);
+        subscribe(&broker, &a, "metrics.cpu", rewind(2));
+        assert_eq!(seqs(&received(&a)), vec![2, 3]);
+
+        let dash = conn(Encoding::Json);
+        let ack = subscribe(&broker, &dash, "metrics.*", rewind(1));
+        assert_eq!(ack, Subscribed::default(), "a pattern's ack has no stream");
+        let mut last: Vec<(String, u64)> = received(&dash)
+            .iter()
+            .map(|f| {
+                (
+                    f["topic"].as_str().unwrap().to_owned(),
+                    f["seq"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        last.sort();
+        assert_eq!(
+            last,
+            vec![("metrics.cpu".into(), 3), ("metrics.mem".into(), 2)]
+        );
+        // The replay is over, the pattern delivers, and only once.
+        broker
+            .publish("metrics.cpu", json("4"), Source::Http)
+            .unwrap();
+        assert_eq!(seqs(&received(&dash)), vec![4]);
+        assert_eq!(
+            broker.stats().topics_with_subscribers,
+            1,
+            "a pattern is not a topic subscriber"
+        );
+    }
+
+    #[test]
+    fn latest_mode_delivers_the_freshest_value() {
+        let broker = broker();
+        let dash = conn(Encoding::Json);
+        let latest = SubscribeOptions {
+            mode: DeliveryMode::Latest { min_interval: None },
+            ..Default::default()
+        };
+        subscribe(&broker, &dash, "gauge", latest);
+        publish_numbers(&broker, "gauge", 1..=100);
+        let frames = received(&dash);
+        assert_eq!(
+            frames.len(),
+            1,
+            "one frame waited; each newer value replaced it"
+        );
+        assert_eq!(
+            frames[0],
+            json!({"op": "message", "topic": "gauge", "seq": 100, "data": 100})
+        );
+        assert_eq!(dash.queue.stats().conflated(), 99);
+    }
 }

@@ -14,77 +14,24 @@ use bytes::Bytes;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::data::Data;
-use crate::engine::{DeliveryMode, Replay, SubscribeOptions};
-use crate::topic::{self, Subject};
+use crate::model::{DeliveryMode, Encoding, ErrorCode, Replay, SubscribeOptions};
 
-/// A wire encoding, chosen per connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum Encoding {
-    Json,
-    Msgpack,
-}
-
-impl Encoding {
-    pub(crate) const ALL: [Encoding; 2] = [Encoding::Json, Encoding::Msgpack];
-
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            Encoding::Json => "json",
-            Encoding::Msgpack => "msgpack",
-        }
-    }
-
-    pub(crate) fn subprotocol(self) -> &'static str {
-        match self {
-            Encoding::Json => "crier.json",
-            Encoding::Msgpack => "crier.msgpack",
-        }
-    }
-
-    pub(crate) fn from_subprotocol(s: &str) -> Option<Encoding> {
-        Encoding::ALL.into_iter().find(|e| e.subprotocol() == s)
-    }
-
-    pub(crate) fn from_name(s: &str) -> Option<Encoding> {
-        Encoding::ALL.into_iter().find(|e| e.name() == s)
-    }
-
-    fn opcode(self) -> OpCode {
-        match self {
-            Encoding::Json => OpCode::Text,
-            Encoding::Msgpack => OpCode::Binary,
-        }
+/// The WebSocket subprotocol that selects `encoding`.
+pub(crate) fn subprotocol(encoding: Encoding) -> &'static str {
+    match encoding {
+        Encoding::Json => "crier.json",
+        Encoding::Msgpack => "crier.msgpack",
     }
 }
 
-/// Error codes sent in `error` frames and HTTP error bodies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ErrorCode {
-    BadFrame,
-    UnknownOp,
-    InvalidTopic,
-    PayloadTooLarge,
-    TooManySubscriptions,
+pub(crate) fn encoding_of_subprotocol(s: &str) -> Option<Encoding> {
+    Encoding::ALL.into_iter().find(|&e| subprotocol(e) == s)
 }
 
-impl ErrorCode {
-    /// In declaration order, so that `code as usize` indexes it.
-    pub(crate) const ALL: [ErrorCode; 5] = [
-        ErrorCode::BadFrame,
-        ErrorCode::UnknownOp,
-        ErrorCode::InvalidTopic,
-        ErrorCode::PayloadTooLarge,
-        ErrorCode::TooManySubscriptions,
-    ];
-
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::BadFrame => "bad_frame",
-            ErrorCode::UnknownOp => "unknown_op",
-            ErrorCode::InvalidTopic => "invalid_topic",
-            ErrorCode::PayloadTooLarge => "payload_too_large",
-            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
-        }
+fn opcode(encoding: Encoding) -> OpCode {
+    match encoding {
+        Encoding::Json => OpCode::Text,
+        Encoding::Msgpack => OpCode::Binary,
     }
 }
 
@@ -173,7 +120,8 @@ impl<'de> Deserialize<'de> for FrameId {
     }
 }
 
-/// A parsed, validated client request.
+/// A parsed client request, well-formed but not yet checked against the broker's rules (valid
+/// topics, limits).
 #[derive(Debug)]
 pub(crate) struct Request {
     pub id: Option<FrameId>,
@@ -183,11 +131,11 @@ pub(crate) struct Request {
 #[derive(Debug)]
 pub(crate) enum Op {
     Subscribe {
-        subject: Subject,
+        topic: String,
         options: SubscribeOptions,
     },
     Unsubscribe {
-        subject: Subject,
+        topic: String,
     },
     Publish {
         topic: String,
@@ -328,24 +276,18 @@ fn validate(raw: RawFrame<Data>) -> Result<Request, FrameError> {
     let bad = |message: String| FrameError::new(id.clone(), ErrorCode::BadFrame, message);
     let needs_topic =
         |topic: Option<String>| topic.ok_or_else(|| bad(format!("{op} needs a topic")));
-    let subject = |topic: &str| {
-        Subject::parse(topic).map_err(|e| FrameError::new(id.clone(), ErrorCode::InvalidTopic, e.0))
-    };
     let op = match op.as_str() {
         "subscribe" => {
-            let subject = subject(&needs_topic(topic)?)?;
+            let topic = needs_topic(topic)?;
             let options =
-                subscribe_options(&subject, raw.since, raw.rewind, raw.mode, raw.max_rate)
-                    .map_err(bad)?;
-            Op::Subscribe { subject, options }
+                subscribe_options(raw.since, raw.rewind, raw.mode, raw.max_rate).map_err(bad)?;
+            Op::Subscribe { topic, options }
         }
         "unsubscribe" => Op::Unsubscribe {
-            subject: subject(&needs_topic(topic)?)?,
+            topic: needs_topic(topic)?,
         },
         "publish" => {
             let topic = needs_topic(topic)?;
-            topic::validate_topic(&topic)
-                .map_err(|e| FrameError::new(id.clone(), ErrorCode::InvalidTopic, e.0))?;
             let data = data.ok_or_else(|| bad("publish needs data".into()))?;
             Op::Publish { topic, data }
         }
@@ -363,7 +305,6 @@ fn validate(raw: RawFrame<Data>) -> Result<Request, FrameError> {
 }
 
 fn subscribe_options(
-    subject: &Subject,
     since: Option<RawSince>,
     rewind: Option<u64>,
     mode: Option<String>,
@@ -371,9 +312,6 @@ fn subscribe_options(
 ) -> Result<SubscribeOptions, String> {
     let replay = match (since, rewind) {
         (Some(_), Some(_)) => return Err("use since or rewind, not both".into()),
-        (Some(_), None) if matches!(subject, Subject::Pattern(_)) => {
-            return Err("since needs an exact topic: a pattern spans several streams".into());
-        }
         (Some(since), None) => Replay::Since {
             epoch: since.epoch,
             seq: since.seq,
@@ -472,7 +410,7 @@ pub(crate) fn encode(encoding: Encoding, frame: &ServerFrame<'_>) -> Bytes {
         // Only our own types pass through here; none of them can fail to serialize.
         tracing::error!(error = %e, "could not encode a server frame");
     }
-    finish_frame(encoding.opcode(), buf)
+    finish_frame(opcode(encoding), buf)
 }
 
 /// Encodes a `message` frame: `{"op":"message","topic":...,"seq":...,"data":...}`.
@@ -501,7 +439,7 @@ pub(crate) fn encode_message(encoding: Encoding, topic: &str, seq: u64, data: &D
             data.write_msgpack(&mut buf);
         }
     }
-    finish_frame(encoding.opcode(), buf)
+    finish_frame(opcode(encoding), buf)
 }
 
 /// A WebSocket close frame with a code and a reason.
@@ -555,7 +493,7 @@ pub(crate) fn join_frames(encoding: Encoding, frames: &[Bytes]) -> Bytes {
         }
         buf.extend_from_slice(payload_of_frame(frame));
     }
-    finish_frame(encoding.opcode(), buf)
+    finish_frame(opcode(encoding), buf)
 }
 
 /// Writes the WebSocket header (final, unmasked) into the headroom in front of the payload.
@@ -714,13 +652,7 @@ mod tests {
         );
 
         let r = parse_json(r#"{"op":"subscribe","topic":"a.*"}"#).unwrap();
-        assert!(matches!(
-            r.op,
-            Op::Subscribe {
-                subject: Subject::Pattern(_),
-                ..
-            }
-        ));
+        assert!(matches!(r.op, Op::Subscribe { ref topic, .. } if topic == "a.*"));
 
         let frame = rmp_serde::to_vec_named(&serde_json::json!({"op":"ping","id":7})).unwrap();
         let r = parse_msgpack(&frame).unwrap();
@@ -760,7 +692,6 @@ mod tests {
             DeliveryMode::All
         );
         for bad in [
-            r#"{"op":"subscribe","topic":"t.*","since":{"epoch":"e","seq":1}}"#,
             r#"{"op":"subscribe","topic":"t","since":{"epoch":"e","seq":1},"rewind":2}"#,
             r#"{"op":"subscribe","topic":"t","since":{"epoch":"e"}}"#,
             r#"{"op":"subscribe","topic":"t","since":{"epoch":"e","seq":-1}}"#,
@@ -803,16 +734,6 @@ mod tests {
                 r#"{"op":"shout","id":"s"}"#,
                 ErrorCode::UnknownOp,
                 Some(FrameId::Str("s".into())),
-            ),
-            (
-                r#"{"op":"subscribe","topic":"a..b","id":1}"#,
-                ErrorCode::InvalidTopic,
-                Some(FrameId::Num(1)),
-            ),
-            (
-                r#"{"op":"publish","topic":"a.*","data":1}"#,
-                ErrorCode::InvalidTopic,
-                None,
             ),
         ];
         for (text, code, id) in cases {

@@ -16,19 +16,25 @@
 //! # }
 //! ```
 
+// The crate's own tests run the integration tests' scenarios, which name it `crier`.
+#[cfg(test)]
+extern crate self as crier;
+
+mod actor;
 mod api;
+mod backend;
 mod broker;
 mod config;
 mod connection;
+mod connections;
 mod data;
-mod engine;
 mod frame;
-mod history;
+mod hub;
 mod metrics;
-mod patterns;
+mod model;
 mod queue;
-mod registry;
 mod server;
+mod table;
 mod topic;
 mod ws;
 

@@ -1,36 +1,26 @@
 //! Prometheus metrics for `/metrics`.
 //!
-//! Events (publishes, deliveries, drops, closes, errors) are counted as they happen, once per
-//! publish rather than once per subscriber where possible. Figures that belong to connections
-//! (how many are open, their buffered amount, bytes sent, queue wait) are kept by each connection
-//! in atomics it alone writes and are summed when Prometheus scrapes: a scrape takes no lock that
-//! publishing needs, and the hot path never touches a counter shared with other threads per frame.
+//! Events (publishes, deliveries, drops, closes, errors) are counted here as they happen, once
+//! per publish rather than once per subscriber where possible. Figures that belong to connections
+//! or to the engine are computed when Prometheus scrapes, by collectors their owners register
+//! (`crate::connections`, `crate::broker`): a scrape takes no lock that publishing needs, and
+//! the hot path never touches a counter shared with other threads per frame.
 //!
 //! No label grows with connections or topics: topic namespaces are labelled only when named in
 //! `--metrics-namespaces`, everything else is `other`.
 
 use std::collections::HashMap;
-use std::sync::Weak;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use prometheus::core::{Collector, Desc};
-use prometheus::proto::{Bucket, Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::proto::{Bucket, Counter, Gauge, Metric, MetricFamily, MetricType};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
 };
 
-use crate::broker::Broker;
-use crate::frame::{Encoding, ErrorCode};
+use crate::model::{ErrorCode, Source};
 use crate::topic;
-
-/// Where a publish came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Source {
-    Ws,
-    Http,
-}
 
 /// Why a message queued (or about to be queued) for a connection never reached its socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,7 +95,7 @@ pub(crate) const CLOSE_REASONS: [&str; 6] = [
 pub(crate) struct Ns(u16);
 
 /// Upper bounds of the queue-wait histogram, in seconds.
-const WAIT_BUCKETS: [f64; 14] = [
+pub(crate) const WAIT_BUCKETS: [f64; 14] = [
     0.000_05, 0.0001, 0.000_25, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0,
 ];
 
@@ -137,7 +127,7 @@ impl WaitHistogram {
         self.sum_nanos.fetch_add(batch.sum_nanos, Ordering::Relaxed);
     }
 
-    fn add_to(&self, totals: &mut WaitTotals) {
+    pub(crate) fn add_to(&self, totals: &mut WaitTotals) {
         for (total, bucket) in totals.buckets.iter_mut().zip(&self.buckets) {
             *total += bucket.load(Ordering::Relaxed);
         }
@@ -177,18 +167,12 @@ const WAIT_BUCKET_NANOS: [u64; WAIT_BUCKETS.len()] = {
     nanos
 };
 
+/// Queue waits summed over connections.
 #[derive(Debug, Default, Clone)]
-struct WaitTotals {
-    buckets: [u64; WAIT_BUCKETS.len()],
-    count: u64,
-    sum_nanos: u64,
-}
-
-/// What connections that have closed contributed to the scrape-time counters.
-#[derive(Debug, Default)]
-struct Retired {
-    sent_bytes: u64,
-    wait: WaitTotals,
+pub(crate) struct WaitTotals {
+    pub buckets: [u64; WAIT_BUCKETS.len()],
+    pub count: u64,
+    pub sum_nanos: u64,
 }
 
 pub(crate) struct Metrics {
@@ -205,9 +189,6 @@ pub(crate) struct Metrics {
     http_requests: IntCounterVec,
     fanout_seconds: Histogram,
     history_evicted: [IntCounter; EvictReason::ALL.len()],
-    /// Also held by a scrape while it sums live connections, so that a connection is counted
-    /// either live or retired, never both or neither.
-    retired: Mutex<Retired>,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -215,13 +196,8 @@ fn opts(name: &str, help: &str) -> Opts {
 }
 
 impl Metrics {
-    /// `namespaces` are the topic namespaces (first segments) to label; `broker` is read at
-    /// scrape time for the per-connection figures.
-    pub(crate) fn new(
-        namespaces: &[String],
-        max_buffered_bytes: usize,
-        broker: Weak<Broker>,
-    ) -> Metrics {
+    /// `namespaces` are the topic namespaces (first segments) to label.
+    pub(crate) fn new(namespaces: &[String]) -> Metrics {
         let registry = Registry::new();
         let reg = |c: Box<dyn Collector>| {
             // Names are fixed and distinct, so registration cannot collide.
@@ -365,10 +341,6 @@ impl Metrics {
             EvictReason::ALL.map(|r| evicted_vec.with_label_values(&[r.as_str()]));
         reg(Box::new(evicted_vec));
 
-        reg(Box::new(ConnectionCollector::new(
-            broker,
-            max_buffered_bytes,
-        )));
         reg(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ));
@@ -391,7 +363,6 @@ impl Metrics {
             http_requests,
             fanout_seconds,
             history_evicted,
-            retired: Mutex::new(Retired::default()),
         }
     }
 
@@ -414,10 +385,14 @@ impl Metrics {
         self.connections_closed.with_label_values(&[reason]).inc();
     }
 
-    /// One publish: its source, its fan-out time and how many connections it was queued for.
-    pub(crate) fn published(&self, ns: Ns, source: Source, fanout: Duration, receivers: usize) {
-        let by_ns = &self.published[usize::from(ns.0)];
-        by_ns[source as usize].inc();
+    /// One publish accepted on this node.
+    pub(crate) fn published(&self, ns: Ns, source: Source) {
+        self.published[usize::from(ns.0)][source as usize].inc();
+    }
+
+    /// One publication queued for this node's subscribers: how many, and how long after it was
+    /// accepted the last was queued.
+    pub(crate) fn delivered(&self, ns: Ns, receivers: usize, fanout: Duration) {
         self.delivered[usize::from(ns.0)].inc_by(receivers as u64);
         self.fanout_seconds.observe(fanout.as_secs_f64());
     }
@@ -446,13 +421,12 @@ impl Metrics {
             .inc();
     }
 
-    /// Moves a closing connection's contributions to the retired totals and removes it from the
-    /// live table, in one step as far as a scrape can tell.
-    pub(crate) fn retire(&self, stats: &crate::queue::QueueStats, remove: impl FnOnce()) {
-        let mut retired = self.retired.lock();
-        retired.sent_bytes += stats.sent_bytes();
-        stats.wait().add_to(&mut retired.wait);
-        remove();
+    /// Adds a collector whose figures are computed at scrape time.
+    pub(crate) fn register(&self, collector: Box<dyn Collector>) {
+        // Each owner registers its own, distinct families once.
+        if let Err(e) = self.registry.register(collector) {
+            tracing::error!(error = %e, "metric registration failed");
+        }
     }
 
     /// The text exposition of every metric.
@@ -465,103 +439,55 @@ impl Metrics {
     }
 }
 
-/// The figures computed from live connections at scrape time.
-struct ConnectionCollector {
-    broker: Weak<Broker>,
-    descs: Vec<Desc>,
-    buffered_buckets: Vec<f64>,
-    half_cap: usize,
+/// Gauges whose values are read when Prometheus scrapes, each from its own function.
+pub(crate) struct ComputedGauges {
+    gauges: Vec<(Desc, Box<dyn Fn() -> f64 + Send + Sync>)>,
 }
 
-const CONNECTION_FAMILIES: [(&str, &str); 12] = [
-    (
-        "crier_connections",
-        "WebSocket connections open now, by encoding.",
-    ),
-    (
-        "crier_subscriptions",
-        "Subscriptions (topics and patterns) open now.",
-    ),
-    (
-        "crier_topics",
-        "Topics with at least one exact subscription now.",
-    ),
-    ("crier_patterns", "Pattern subscriptions now."),
-    (
-        "crier_buffered_bytes",
-        "Sum over connections of bytes queued and not yet taken by the socket.",
-    ),
-    (
-        "crier_buffered_bytes_max",
-        "The largest single connection's buffered bytes.",
-    ),
-    (
-        "crier_slow_connections",
-        "Connections whose buffered bytes exceed half of --max-buffered-bytes.",
-    ),
-    (
-        "crier_connection_buffered_bytes",
-        "Connections by buffered bytes, at scrape time.",
-    ),
-    (
-        "crier_sent_bytes_total",
-        "Bytes of WebSocket frames taken by sockets.",
-    ),
-    (
-        "crier_queue_wait_seconds",
-        "Time frames waited in a connection's queue before its socket took them.",
-    ),
-    (
-        "crier_history_messages",
-        "Messages held in topic histories.",
-    ),
-    (
-        "crier_history_bytes",
-        "Bytes held in topic histories (data, encoded frames, bookkeeping).",
-    ),
-];
+impl ComputedGauges {
+    pub(crate) fn new() -> Self {
+        ComputedGauges { gauges: Vec::new() }
+    }
 
-impl ConnectionCollector {
-    fn new(broker: Weak<Broker>, max_buffered_bytes: usize) -> Self {
-        let descs = CONNECTION_FAMILIES
+    pub(crate) fn gauge(
+        mut self,
+        name: &str,
+        help: &str,
+        value: impl Fn() -> f64 + Send + Sync + 'static,
+    ) -> Self {
+        let desc = Desc::new(name.to_owned(), help.to_owned(), vec![], HashMap::new())
+            .expect("valid desc");
+        self.gauges.push((desc, Box::new(value)));
+        self
+    }
+}
+
+impl Collector for ComputedGauges {
+    fn desc(&self) -> Vec<&Desc> {
+        self.gauges.iter().map(|(desc, _)| desc).collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.gauges
             .iter()
-            .map(|(name, help)| {
-                let labels = if *name == "crier_connections" {
-                    vec!["encoding".to_owned()]
-                } else {
-                    vec![]
-                };
-                Desc::new(
-                    (*name).to_owned(),
-                    (*help).to_owned(),
-                    labels,
-                    HashMap::new(),
+            .map(|(desc, value)| {
+                family(
+                    &desc.fq_name,
+                    &desc.help,
+                    MetricType::GAUGE,
+                    vec![gauge(value())],
                 )
-                .expect("valid desc")
             })
-            .collect();
-        ConnectionCollector {
-            broker,
-            descs,
-            buffered_buckets: buffered_buckets(max_buffered_bytes),
-            half_cap: max_buffered_bytes / 2,
-        }
+            .collect()
     }
 }
 
-/// Powers of two from 1 KiB up to the cap, and the cap itself.
-fn buffered_buckets(cap: usize) -> Vec<f64> {
-    let mut bounds = Vec::new();
-    let mut bound = 1024usize;
-    while bound < cap {
-        bounds.push(bound as f64);
-        bound *= 2;
-    }
-    bounds.push(cap as f64);
-    bounds
-}
-
-fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+pub(crate) fn family(
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    metrics: Vec<Metric>,
+) -> MetricFamily {
     let mut family = MetricFamily::default();
     family.set_name(name.to_owned());
     family.set_help(help.to_owned());
@@ -570,13 +496,13 @@ fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> Met
     family
 }
 
-fn gauge(value: f64) -> Metric {
+pub(crate) fn gauge(value: f64) -> Metric {
     let mut gauge = Gauge::default();
     gauge.set_value(value);
     Metric::from_gauge(gauge)
 }
 
-fn counter(value: f64) -> Metric {
+pub(crate) fn counter(value: f64) -> Metric {
     let mut counter = Counter::default();
     counter.set_value(value);
     let mut metric = Metric::default();
@@ -584,7 +510,8 @@ fn counter(value: f64) -> Metric {
     metric
 }
 
-fn histogram(bounds: &[f64], counts: &[u64], count: u64, sum: f64) -> Metric {
+/// A histogram metric from per-bucket (not cumulative) counts.
+pub(crate) fn histogram(bounds: &[f64], counts: &[u64], count: u64, sum: f64) -> Metric {
     let mut cumulative = 0;
     let buckets = bounds
         .iter()
@@ -606,153 +533,9 @@ fn histogram(bounds: &[f64], counts: &[u64], count: u64, sum: f64) -> Metric {
     metric
 }
 
-impl Collector for ConnectionCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        self.descs.iter().collect()
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        let Some(broker) = self.broker.upgrade() else {
-            return Vec::new();
-        };
-        let mut by_encoding = [0u64; 2];
-        let (mut subscriptions, mut buffered_sum, mut buffered_max, mut slow) =
-            (0u64, 0u64, 0u64, 0u64);
-        let mut buffered_counts = vec![0u64; self.buffered_buckets.len()];
-        let (sent_bytes, wait) = {
-            let retired = broker.metrics.retired.lock();
-            let mut wait = retired.wait.clone();
-            let mut sent = retired.sent_bytes;
-            for entry in broker.connections.iter() {
-                let conn = entry.value();
-                let stats = conn.queue.stats();
-                by_encoding[conn.encoding as usize] += 1;
-                subscriptions += conn.subscription_count() as u64;
-                let (buffered, _) = conn.queue.buffered();
-                buffered_sum += buffered as u64;
-                buffered_max = buffered_max.max(buffered as u64);
-                if buffered > self.half_cap {
-                    slow += 1;
-                }
-                if let Some(i) = self
-                    .buffered_buckets
-                    .iter()
-                    .position(|&b| buffered as f64 <= b)
-                {
-                    buffered_counts[i] += 1;
-                }
-                sent += stats.sent_bytes();
-                stats.wait().add_to(&mut wait);
-            }
-            (sent, wait)
-        };
-        let engine = broker.engine.stats();
-        let connections = by_encoding.iter().sum::<u64>();
-        let help = |i: usize| CONNECTION_FAMILIES[i].1;
-        let name = |i: usize| CONNECTION_FAMILIES[i].0;
-
-        let mut open = Vec::new();
-        for encoding in Encoding::ALL {
-            let mut metric = gauge(by_encoding[encoding as usize] as f64);
-            let mut label = LabelPair::default();
-            label.set_name("encoding".to_owned());
-            label.set_value(encoding.name().to_owned());
-            metric.set_label(vec![label]);
-            open.push(metric);
-        }
-        vec![
-            family(name(0), help(0), MetricType::GAUGE, open),
-            family(
-                name(1),
-                help(1),
-                MetricType::GAUGE,
-                vec![gauge(subscriptions as f64)],
-            ),
-            family(
-                name(2),
-                help(2),
-                MetricType::GAUGE,
-                vec![gauge(engine.topics_with_subscribers as f64)],
-            ),
-            family(
-                name(3),
-                help(3),
-                MetricType::GAUGE,
-                vec![gauge(engine.patterns as f64)],
-            ),
-            family(
-                name(4),
-                help(4),
-                MetricType::GAUGE,
-                vec![gauge(buffered_sum as f64)],
-            ),
-            family(
-                name(5),
-                help(5),
-                MetricType::GAUGE,
-                vec![gauge(buffered_max as f64)],
-            ),
-            family(
-                name(6),
-                help(6),
-                MetricType::GAUGE,
-                vec![gauge(slow as f64)],
-            ),
-            family(
-                name(7),
-                help(7),
-                MetricType::HISTOGRAM,
-                vec![histogram(
-                    &self.buffered_buckets,
-                    &buffered_counts,
-                    connections,
-                    buffered_sum as f64,
-                )],
-            ),
-            family(
-                name(8),
-                help(8),
-                MetricType::COUNTER,
-                vec![counter(sent_bytes as f64)],
-            ),
-            family(
-                name(9),
-                help(9),
-                MetricType::HISTOGRAM,
-                vec![histogram(
-                    &WAIT_BUCKETS,
-                    &wait.buckets,
-                    wait.count,
-                    wait.sum_nanos as f64 / 1e9,
-                )],
-            ),
-            family(
-                name(10),
-                help(10),
-                MetricType::GAUGE,
-                vec![gauge(engine.history_messages as f64)],
-            ),
-            family(
-                name(11),
-                help(11),
-                MetricType::GAUGE,
-                vec![gauge(engine.history_bytes as f64)],
-            ),
-        ]
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn buffered_buckets_run_from_a_kibibyte_to_the_cap() {
-        assert_eq!(buffered_buckets(4096), vec![1024.0, 2048.0, 4096.0]);
-        assert_eq!(buffered_buckets(5000), vec![1024.0, 2048.0, 4096.0, 5000.0]);
-        assert_eq!(buffered_buckets(512), vec![512.0]);
-        assert_eq!(buffered_buckets(1 << 20).len(), 11);
-    }
 
     #[test]
     fn wait_histogram_buckets_and_sums() {
@@ -775,15 +558,11 @@ mod tests {
 
     #[test]
     fn namespaces_are_bounded() {
-        let m = Metrics::new(
-            &["metrics".into(), "chat".into(), "metrics".into()],
-            1024,
-            Weak::new(),
-        );
+        let m = Metrics::new(&["metrics".into(), "chat".into(), "metrics".into()]);
         assert_eq!(m.namespace("metrics.cpu"), Ns(0));
         assert_eq!(m.namespace("chat"), Ns(1));
         assert_eq!(m.namespace("anything.else"), Ns(2));
-        let none = Metrics::new(&[], 1024, Weak::new());
+        let none = Metrics::new(&[]);
         assert_eq!(none.namespace("metrics.cpu"), Ns(0));
         let text = m.render();
         assert!(
@@ -794,85 +573,5 @@ mod tests {
             r#"crier_messages_dropped_total{namespace="other",reason="buffer_full_oldest"} 0"#
         ));
         assert!(text.contains(r#"crier_build_info{version=""#));
-    }
-
-    /// Connections with known buffered amounts, summed at scrape time.
-    #[test]
-    fn scrape_time_figures_come_from_the_connections() {
-        use crate::config::{Config, SlowConsumerPolicy};
-        use crate::connection::Connection;
-        use crate::queue::OutboundQueue;
-        use bytes::Bytes;
-        use std::sync::Arc;
-        use std::time::Instant;
-
-        let config = Config {
-            max_buffered_bytes: 8192,
-            ..Config::default()
-        };
-        let broker = Broker::new(config);
-        let ns = broker.metrics.namespace("t");
-        for (buffered, encoding) in [
-            (0, Encoding::Json),
-            (500, Encoding::Json),
-            (3000, Encoding::Msgpack),
-            (5000, Encoding::Json),
-        ] {
-            let queue =
-                OutboundQueue::new(8192, SlowConsumerPolicy::DropOldest, broker.metrics.clone());
-            if buffered > 0 {
-                queue.push_message(Bytes::from(vec![0u8; buffered]), ns, Instant::now());
-            }
-            let conn = Arc::new(Connection::new(None, encoding, queue, None));
-            broker.connections.insert(conn.id, conn);
-        }
-        let families = ConnectionCollector::new(Arc::downgrade(&broker), 8192).collect();
-        let find = |name: &str| families.iter().find(|f| f.name() == name).unwrap();
-        let value = |name: &str| find(name).get_metric()[0].get_gauge().get_value();
-
-        assert_eq!(value("crier_buffered_bytes"), 8500.0);
-        assert_eq!(value("crier_buffered_bytes_max"), 5000.0);
-        assert_eq!(
-            value("crier_slow_connections"),
-            1.0,
-            "only 5000 exceeds half of 8192"
-        );
-        let by_encoding: Vec<f64> = find("crier_connections")
-            .get_metric()
-            .iter()
-            .map(|m| m.get_gauge().get_value())
-            .collect();
-        assert_eq!(by_encoding, vec![3.0, 1.0]);
-
-        let histogram = find("crier_connection_buffered_bytes").get_metric()[0].get_histogram();
-        let buckets: Vec<(f64, u64)> = histogram
-            .get_bucket()
-            .iter()
-            .map(|b| (b.upper_bound(), b.cumulative_count()))
-            .collect();
-        assert_eq!(
-            buckets,
-            vec![(1024.0, 2), (2048.0, 2), (4096.0, 3), (8192.0, 4)]
-        );
-        assert_eq!(histogram.get_sample_count(), 4);
-        assert_eq!(histogram.get_sample_sum(), 8500.0);
-
-        // Retiring a connection keeps its bytes sent and leaves the live figures.
-        let conn = broker
-            .connections
-            .iter()
-            .next()
-            .map(|c| c.value().clone())
-            .unwrap();
-        broker.retire(&conn);
-        let families = ConnectionCollector::new(Arc::downgrade(&broker), 8192).collect();
-        let histogram = families
-            .iter()
-            .find(|f| f.name() == "crier_connection_buffered_bytes")
-            .unwrap();
-        assert_eq!(
-            histogram.get_metric()[0].get_histogram().get_sample_count(),
-            3
-        );
     }
 }

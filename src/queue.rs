@@ -1,5 +1,5 @@
-//! A connection's outbound path: a bounded, byte-accounted queue of encoded WebSocket frames, and
-//! the response body that hands them to the socket.
+//! A connection's outbound queue: bounded, byte-accounted, holding encoded WebSocket frames until
+//! the socket takes them (the response body that drains it is in `crate::ws`).
 //!
 //! `buffered_bytes` is the byte size of this queue: frames accepted for the client and not yet
 //! taken by its socket. The HTTP dispatcher takes a frame only while its own write buffer (32 KiB)
@@ -16,20 +16,15 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
-use actix_web::body::{BodySize, BoxBody, MessageBody};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
 use crate::config::SlowConsumerPolicy;
-use crate::connection::Connection;
 use crate::frame::{self, CloseCode};
 use crate::metrics::{DropReason, Metrics, Ns, WaitBatch, WaitHistogram};
 
@@ -176,7 +171,7 @@ pub(crate) struct QueueHealth {
 
 /// What the body should do next.
 #[derive(Debug, PartialEq)]
-enum Next {
+pub(crate) enum Next {
     /// Frames were moved into the body's batch.
     Taken,
     End,
@@ -221,6 +216,7 @@ impl OutboundQueue {
     }
 
     /// Offers a published message's frame, accepted at `now`; never blocks.
+    #[inline]
     pub(crate) fn push_message(&self, frame: Bytes, ns: Ns, now: Instant) -> Push {
         let mut st = self.state.lock();
         if st.phase != Phase::Open {
@@ -454,7 +450,12 @@ impl OutboundQueue {
 
     /// Moves the next frames (up to `limit` bytes, at least one) into `taken` for the socket,
     /// releasing held frames that are due. One lock and one clock read per batch, not per frame.
-    fn take_frames(&self, cx: &mut Context<'_>, taken: &mut VecDeque<Bytes>, limit: usize) -> Next {
+    pub(crate) fn take_frames(
+        &self,
+        cx: &mut Context<'_>,
+        taken: &mut VecDeque<Bytes>,
+        limit: usize,
+    ) -> Next {
         let mut st = self.state.lock();
         if st.phase == Phase::Finished {
             return Next::End;
@@ -723,123 +724,13 @@ pub(crate) fn coalescing_wakes<R>(f: impl FnOnce() -> R) -> R {
     result
 }
 
-/// How many bytes of frames the body takes from the queue at once: the HTTP layer's write buffer.
-pub(crate) const TAKE_BYTES: usize = 8 * 1024;
-
-/// The body of a WebSocket's 101 response: the connection's outbound frames.
-pub(crate) struct OutboundBody {
-    conn: Arc<Connection>,
-    /// Frames taken from the queue together and handed to the HTTP layer one by one: at most
-    /// [`TAKE_BYTES`], no more than the HTTP layer's own write buffer takes anyway.
-    taken: VecDeque<Bytes>,
-    /// Wakes the body when a frame held for a rate slot is due.
-    timer: Option<(Instant, Pin<Box<tokio::time::Sleep>>)>,
-    /// actix-ws's own body, never polled. actix-ws's `MessageStream` (the read side) keeps reading
-    /// only while this exists, which is exactly as long as the socket is ours.
-    _ws_body: BoxBody,
-}
-
-impl OutboundBody {
-    pub(crate) fn new(conn: Arc<Connection>, ws_body: BoxBody) -> Self {
-        OutboundBody {
-            conn,
-            taken: VecDeque::new(),
-            timer: None,
-            _ws_body: ws_body,
-        }
-    }
-}
-
-impl MessageBody for OutboundBody {
-    type Error = Infallible;
-
-    fn size(&self) -> BodySize {
-        BodySize::Stream
-    }
-
-    fn poll_next(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
-        let this = self.get_mut();
-        loop {
-            if let Some(frame) = this.taken.pop_front() {
-                return Poll::Ready(Some(Ok(frame)));
-            }
-            match this.conn.queue.take_frames(cx, &mut this.taken, TAKE_BYTES) {
-                Next::Taken if this.conn.batching => batch(this.conn.encoding, &mut this.taken),
-                Next::Taken => {}
-                Next::End => return Poll::Ready(None),
-                Next::Wait(None) => return Poll::Pending,
-                Next::Wait(Some(due)) => {
-                    let deadline = tokio::time::Instant::from_std(due);
-                    match &mut this.timer {
-                        Some((at, sleep)) if *at != due => {
-                            sleep.as_mut().reset(deadline);
-                            *at = due;
-                        }
-                        Some(_) => {}
-                        None => {
-                            this.timer = Some((due, Box::pin(tokio::time::sleep_until(deadline))))
-                        }
-                    }
-                    if let Some((_, sleep)) = &mut this.timer
-                        && sleep.as_mut().poll(cx).is_pending()
-                    {
-                        return Poll::Pending;
-                    }
-                    // Due already: release it on the next round.
-                }
-            }
-        }
-    }
-}
-
-/// Joins each run of consecutive data frames into one WebSocket message; control frames (ping,
-/// pong, close) stay on their own.
-fn batch(encoding: crate::frame::Encoding, frames: &mut VecDeque<Bytes>) {
-    if frames.len() < 2 {
-        return;
-    }
-    let mut joined = VecDeque::with_capacity(2);
-    let mut run: Vec<Bytes> = Vec::new();
-    for frame in frames.drain(..) {
-        if frame::is_data_frame(&frame) {
-            run.push(frame);
-            continue;
-        }
-        flush_run(encoding, &mut run, &mut joined);
-        joined.push_back(frame);
-    }
-    flush_run(encoding, &mut run, &mut joined);
-    *frames = joined;
-}
-
-fn flush_run(encoding: crate::frame::Encoding, run: &mut Vec<Bytes>, out: &mut VecDeque<Bytes>) {
-    match run.len() {
-        0 => {}
-        1 => out.extend(run.drain(..)),
-        _ => {
-            out.push_back(frame::join_frames(encoding, run));
-            run.clear();
-        }
-    }
-}
-
-impl Drop for OutboundBody {
-    fn drop(&mut self) {
-        // The dispatcher drops the body before it closes the socket.
-        self.conn.release_socket();
-        self.conn.queue.finish();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::task::Poll;
 
     fn metrics() -> Arc<Metrics> {
-        Arc::new(Metrics::new(&[], 100, std::sync::Weak::new()))
+        Arc::new(Metrics::new(&[]))
     }
 
     fn queue(limit: usize, policy: SlowConsumerPolicy) -> OutboundQueue {

@@ -44,8 +44,12 @@ impl Server {
         config
             .validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let broker = Broker::new(config);
-        let config = &broker.config;
+        Server::bind_broker(Broker::new(config))
+    }
+
+    /// Binds the listening socket for a broker already built (with whichever backend).
+    pub(crate) fn bind_broker(broker: Arc<Broker>) -> io::Result<Server> {
+        let config = broker.config();
         let data = web::Data::from(broker.clone());
         let mut http = HttpServer::new(move || {
             App::new()
@@ -108,6 +112,7 @@ impl Server {
             signals,
         } = self;
         tracing::info!(
+            backend = broker.backend_name(),
             "crier {} listening: WebSocket ws://{addr}/ws, HTTP API http://{addr}/api, metrics http://{addr}/metrics",
             env!("CARGO_PKG_VERSION")
         );
@@ -123,19 +128,19 @@ impl Server {
             _ = shutdown_requested(&mut requested, signals) => {}
         }
 
-        let grace = broker.config.shutdown_grace;
+        let grace = broker.config().shutdown_grace;
         tracing::info!(
-            connections = broker.connections.len(),
+            connections = broker.connection_count(),
             ?grace,
             "shutting down"
         );
         let deadline = Instant::now() + grace;
         handle.pause().await;
         broker.begin_shutdown();
-        while !broker.connections.is_empty() && Instant::now() < deadline {
+        while broker.connection_count() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let stragglers = broker.live_connections();
+        let stragglers = broker.connections();
         if !stragglers.is_empty() {
             tracing::warn!(
                 connections = stragglers.len(),
@@ -192,7 +197,7 @@ async fn count_requests(
             .match_pattern()
             .unwrap_or_else(|| "unmatched".to_owned());
         broker
-            .metrics
+            .metrics()
             .http_request(&route, response.status().as_u16());
     }
     Ok(response)
@@ -203,6 +208,6 @@ async fn housekeeping(broker: Arc<Broker>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        broker.engine.sweep(Instant::now());
+        broker.sweep(Instant::now());
     }
 }

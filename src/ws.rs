@@ -1,25 +1,34 @@
-//! `GET /ws`: the WebSocket handshake, in one place: encoding negotiation, `?subscribe=`, and
-//! the guard that bounds how much a client can make the broker buffer.
+//! `GET /ws`: the WebSocket on actix's side, in one place: the handshake (encoding negotiation,
+//! `?subscribe=`, `?batch=`), the guard that bounds how much a client can make the broker buffer
+//! on the way in, and the response body that hands a connection's queued frames to its socket on
+//! the way out.
 
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::future::Future;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use actix_http::error::PayloadError;
 use actix_http::ws::HandshakeError;
+use actix_web::body::{BodySize, BoxBody, MessageBody};
 use actix_web::http::{StatusCode, header};
 use actix_web::{FromRequest, HttpRequest, HttpResponse, dev, web};
 use bytes::Bytes;
 use futures_core::Stream;
 use serde::Deserialize;
 
+use crate::actor::ConnectionActor;
 use crate::api::ApiError;
 use crate::broker::Broker;
-use crate::connection::{Connection, ConnectionActor};
-use crate::frame::{self, Encoding, ServerFrame};
-use crate::queue::{OutboundBody, OutboundQueue};
-use crate::topic::Subject;
+use crate::config::Config;
+use crate::connection::Connection;
+use crate::frame::{self, Limits, ServerFrame};
+use crate::model::Encoding;
+use crate::queue::{Next, OutboundQueue};
 
 /// The accepted socket's descriptor, recorded when the connection is accepted.
 #[derive(Debug, Clone, Copy)]
@@ -87,23 +96,24 @@ pub(crate) async fn upgrade(
             )));
         }
     };
-    let subjects =
-        initial_subscriptions(query.subscribe.as_deref(), broker.config.max_subscriptions)?;
+    let initial = broker
+        .check_subscriptions(query.subscribe.as_deref().unwrap_or_default())
+        .map_err(ApiError::from)?;
 
-    let limit = broker.config.max_frame_bytes();
+    let config = broker.config();
+    let limit = config.max_frame_bytes();
     let guarded: actix_http::BoxedPayloadStream =
         Box::pin(FrameSizeGuard::new(body.into_inner(), limit));
     let mut guarded = dev::Payload::Stream { payload: guarded };
     let body = web::Payload::from_request(&req, &mut guarded)
         .await
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let protocols = Encoding::ALL.map(Encoding::subprotocol);
+    let protocols = Encoding::ALL.map(frame::subprotocol);
     let (response, session, messages) = actix_ws::handle_with_protocols(&req, body, &protocols)
         .map_err(|e| ApiError::bad_request(format!("WebSocket handshake failed: {e}")))?;
     // Outgoing frames take Crier's own byte-accounted path, not the session.
     drop(session);
 
-    let config = &broker.config;
     let conn = Arc::new(
         Connection::new(
             req.peer_addr(),
@@ -111,7 +121,7 @@ pub(crate) async fn upgrade(
             OutboundQueue::new(
                 config.max_buffered_bytes,
                 config.slow_consumer,
-                broker.metrics.clone(),
+                broker.metrics().clone(),
             ),
             req.conn_data::<RawSocket>().map(|s| s.0),
         )
@@ -124,22 +134,35 @@ pub(crate) async fn upgrade(
             connection: &id,
             encoding: encoding.name(),
             server: frame::SERVER,
-            limits: &broker.limits,
+            limits: &limits(config),
             batch: batching,
         },
     ));
-    broker.connections.insert(conn.id, conn.clone());
-    broker.metrics.connection_accepted();
+    broker.connect(conn.clone());
     tracing::debug!(connection = %id, peer = ?conn.peer, encoding = encoding.name(), "connection opened");
 
     let messages = messages
         .max_frame_size(limit)
         .aggregate_continuations()
         .max_continuation_size(limit);
-    ConnectionActor::new(broker.into_inner(), conn.clone(), subjects).start_with(messages);
+    ConnectionActor::new(broker.into_inner(), conn.clone(), initial).start_with(messages);
 
     let (head, ws_body) = response.into_parts();
     Ok(head.set_body(OutboundBody::new(conn, ws_body)))
+}
+
+/// The limits a client is told about in `welcome`.
+fn limits(config: &Config) -> Limits {
+    let millis = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    Limits {
+        max_message_bytes: config.max_message_bytes,
+        max_frame_bytes: config.max_frame_bytes(),
+        max_buffered_bytes: config.max_buffered_bytes,
+        max_subscriptions: config.max_subscriptions,
+        slow_consumer: config.slow_consumer.as_str(),
+        ping_interval_ms: millis(config.ping_interval),
+        idle_timeout_ms: millis(config.idle_timeout),
+    }
 }
 
 fn handshake_error(err: HandshakeError) -> ApiError {
@@ -164,7 +187,7 @@ fn negotiate(req: &HttpRequest, query: Option<&str>) -> Result<Encoding, ApiErro
         offered.extend(value.split(',').map(str::trim).filter(|p| !p.is_empty()));
     }
     if !offered.is_empty() {
-        return offered.iter().find_map(|p| Encoding::from_subprotocol(p)).ok_or_else(|| {
+        return offered.iter().find_map(|p| frame::encoding_of_subprotocol(p)).ok_or_else(|| {
             ApiError::bad_request(format!(
                 "none of the offered subprotocols {offered:?} is spoken here; use crier.json or crier.msgpack"
             ))
@@ -176,32 +199,6 @@ fn negotiate(req: &HttpRequest, query: Option<&str>) -> Result<Encoding, ApiErro
             ApiError::bad_request(format!("unknown encoding {name:?}; use json or msgpack"))
         }),
     }
-}
-
-fn initial_subscriptions(list: Option<&str>, limit: usize) -> Result<Vec<Subject>, ApiError> {
-    let mut subjects: Vec<Subject> = Vec::new();
-    for topic in list
-        .unwrap_or_default()
-        .split(',')
-        .filter(|t| !t.is_empty())
-    {
-        let subject = Subject::parse(topic)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_topic", e.0))?;
-        if !subjects.contains(&subject) {
-            subjects.push(subject);
-        }
-    }
-    if subjects.len() > limit {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "too_many_subscriptions",
-            format!(
-                "{} subscriptions asked; the limit is {limit}",
-                subjects.len()
-            ),
-        ));
-    }
-    Ok(subjects)
 }
 
 /// Watches the client's bytes frame by frame and fails the stream as soon as a frame header
@@ -321,6 +318,117 @@ where
             },
             other => other,
         }
+    }
+}
+
+/// How many bytes of frames the body takes from the queue at once: the HTTP layer's write buffer.
+pub(crate) const TAKE_BYTES: usize = 8 * 1024;
+
+/// The body of a WebSocket's 101 response: the connection's outbound frames.
+pub(crate) struct OutboundBody {
+    conn: Arc<Connection>,
+    /// Frames taken from the queue together and handed to the HTTP layer one by one: at most
+    /// [`TAKE_BYTES`], no more than the HTTP layer's own write buffer takes anyway.
+    taken: VecDeque<Bytes>,
+    /// Wakes the body when a frame held for a rate slot is due.
+    timer: Option<(Instant, Pin<Box<tokio::time::Sleep>>)>,
+    /// actix-ws's own body, never polled. actix-ws's `MessageStream` (the read side) keeps reading
+    /// only while this exists, which is exactly as long as the socket is ours.
+    _ws_body: BoxBody,
+}
+
+impl OutboundBody {
+    pub(crate) fn new(conn: Arc<Connection>, ws_body: BoxBody) -> Self {
+        OutboundBody {
+            conn,
+            taken: VecDeque::new(),
+            timer: None,
+            _ws_body: ws_body,
+        }
+    }
+}
+
+impl MessageBody for OutboundBody {
+    type Error = Infallible;
+
+    fn size(&self) -> BodySize {
+        BodySize::Stream
+    }
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(frame) = this.taken.pop_front() {
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            match this.conn.queue.take_frames(cx, &mut this.taken, TAKE_BYTES) {
+                Next::Taken if this.conn.batching => batch(this.conn.encoding, &mut this.taken),
+                Next::Taken => {}
+                Next::End => return Poll::Ready(None),
+                Next::Wait(None) => return Poll::Pending,
+                Next::Wait(Some(due)) => {
+                    let deadline = tokio::time::Instant::from_std(due);
+                    match &mut this.timer {
+                        Some((at, sleep)) if *at != due => {
+                            sleep.as_mut().reset(deadline);
+                            *at = due;
+                        }
+                        Some(_) => {}
+                        None => {
+                            this.timer = Some((due, Box::pin(tokio::time::sleep_until(deadline))))
+                        }
+                    }
+                    if let Some((_, sleep)) = &mut this.timer
+                        && sleep.as_mut().poll(cx).is_pending()
+                    {
+                        return Poll::Pending;
+                    }
+                    // Due already: release it on the next round.
+                }
+            }
+        }
+    }
+}
+
+/// Joins each run of consecutive data frames into one WebSocket message; control frames (ping,
+/// pong, close) stay on their own.
+fn batch(encoding: Encoding, frames: &mut VecDeque<Bytes>) {
+    if frames.len() < 2 {
+        return;
+    }
+    let mut joined = VecDeque::with_capacity(2);
+    let mut run: Vec<Bytes> = Vec::new();
+    for frame in frames.drain(..) {
+        if frame::is_data_frame(&frame) {
+            run.push(frame);
+            continue;
+        }
+        flush_run(encoding, &mut run, &mut joined);
+        joined.push_back(frame);
+    }
+    flush_run(encoding, &mut run, &mut joined);
+    *frames = joined;
+}
+
+fn flush_run(encoding: Encoding, run: &mut Vec<Bytes>, out: &mut VecDeque<Bytes>) {
+    match run.len() {
+        0 => {}
+        1 => out.extend(run.drain(..)),
+        _ => {
+            out.push_back(frame::join_frames(encoding, run));
+            run.clear();
+        }
+    }
+}
+
+impl Drop for OutboundBody {
+    fn drop(&mut self) {
+        // The dispatcher drops the body before it closes the socket.
+        self.conn.release_socket();
+        self.conn.queue.finish();
     }
 }
 

@@ -73,15 +73,7 @@ async fn publish_padded(server: &TestServer, fast: &mut FastReader) -> u64 {
     let batch: Vec<Value> = (0..20)
         .map(|_| json!({"topic": "feed", "data": {"pad": padding()}}))
         .collect();
-    let response = server
-        .http
-        .post(server.url("/api/publish"))
-        .json(&batch)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let body: Value = response.json().await.unwrap();
+    let body = server.publish_batch(&batch).await;
     let last = body["results"][19]["seq"].as_u64().unwrap();
     fast.caught_up(last).await;
     last

@@ -4,118 +4,24 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::scenarios::{self, publish_numbers};
 use common::*;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
-
-/// Publishes `n` messages on `topic` over HTTP, `batch` per request; data is the message number.
-async fn publish_numbers(server: &TestServer, topic: &str, from: u64, n: u64, batch: u64) {
-    let mut next = from;
-    while next < from + n {
-        let end = (next + batch).min(from + n);
-        let items: Vec<Value> = (next..end)
-            .map(|i| json!({"topic": topic, "data": i}))
-            .collect();
-        let response = server
-            .http
-            .post(server.url("/api/publish"))
-            .json(&items)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        next = end;
-    }
-}
 
 /// A subscriber that disconnects and recovers with `since` again and again, at random moments,
 /// while a publisher keeps publishing; it must end with every seq exactly once, in order.
 #[tokio::test]
 async fn recovery_under_load_delivers_every_message_exactly_once() {
     let server = TestServer::with(|c| c.history_size = 100_000);
-    for round in 0..5 {
-        let seed = fastrand::u64(..);
-        let mut rng = fastrand::Rng::with_seed(seed);
-        let topic = format!("stress.{round}");
-        const TOTAL: u64 = 3000;
+    scenarios::recovery_under_load(&server, 5).await;
+}
 
-        // The first subscription is made before anything is published: from then on, every
-        // message must reach this subscriber, across all its reconnects.
-        let mut client = Client::connect(&server, Enc::Json).await;
-        let ack = client.subscribe(&topic).await;
-        let epoch = ack["epoch"].as_str().unwrap().to_owned();
-        assert_eq!(ack["seq"], 0);
-
-        let publisher = {
-            let (http, url, topic) = (
-                server.http.clone(),
-                server.url("/api/publish"),
-                topic.clone(),
-            );
-            let mut rng = fastrand::Rng::with_seed(seed ^ 1);
-            tokio::spawn(async move {
-                let mut next = 1;
-                while next <= TOTAL {
-                    let n = rng.u64(1..=40).min(TOTAL - next + 1);
-                    let items: Vec<Value> = (next..next + n)
-                        .map(|i| json!({"topic": topic, "data": i}))
-                        .collect();
-                    let response = http.post(&url).json(&items).send().await.unwrap();
-                    assert_eq!(response.status(), 200);
-                    next += n;
-                    tokio::time::sleep(Duration::from_millis(rng.u64(0..3))).await;
-                }
-            })
-        };
-
-        let mut received: Vec<u64> = Vec::new();
-        let mut cycles = 1;
-        loop {
-            let done = publisher.is_finished();
-            // Read for a random while (until caught up, once publishing is over), then drop off.
-            let until = tokio::time::Instant::now() + Duration::from_millis(rng.u64(0..40));
-            while received.last() != Some(&TOTAL) && (done || tokio::time::Instant::now() < until) {
-                let wait = Duration::from_millis(if done { 5000 } else { 20 });
-                let Ok(frame) = tokio::time::timeout(wait, client.recv()).await else {
-                    continue;
-                };
-                if frame["op"] == "message" {
-                    let seq = frame["seq"].as_u64().unwrap();
-                    assert_eq!(frame["data"], seq, "seed {seed}");
-                    let expected = received.last().copied().unwrap_or(0) + 1;
-                    assert_eq!(
-                        seq, expected,
-                        "seed {seed}, cycle {cycles}: a gap or a duplicate"
-                    );
-                    received.push(seq);
-                }
-            }
-            if received.last() == Some(&TOTAL) {
-                break;
-            }
-            if rng.bool() {
-                let _ = client.ws.close(None).await;
-            }
-            drop(client);
-            tokio::time::sleep(Duration::from_millis(rng.u64(0..20))).await;
-
-            cycles += 1;
-            let enc = if rng.bool() { Enc::Json } else { Enc::Msgpack };
-            client = Client::connect(&server, enc).await;
-            let last = received.last().copied().unwrap_or(0);
-            let ack = client
-                .subscribe_with(&topic, json!({"since": {"epoch": epoch, "seq": last}}))
-                .await;
-            assert_eq!(ack["recovered"], true, "seed {seed}, cycle {cycles}: {ack}");
-            assert_eq!(ack["epoch"], epoch.as_str());
-        }
-        publisher.await.unwrap();
-        assert!(received == (1..=TOTAL).collect::<Vec<_>>(), "seed {seed}");
-        assert!(
-            cycles > 3,
-            "seed {seed}: the subscriber should have reconnected several times"
-        );
-    }
+/// Subscribers joining topics and patterns, with and without rewind, while publishing goes on.
+#[tokio::test]
+async fn joining_while_publishing_leaves_no_gap_and_no_duplicate() {
+    let server = TestServer::with(|c| c.history_size = 100_000);
+    scenarios::join_while_publishing(&server, 3).await;
 }
 
 #[tokio::test]
@@ -197,14 +103,7 @@ async fn history_is_bounded_by_size_ttl_and_total_bytes() {
         let items: Vec<Value> = (0..40)
             .map(|i| json!({"topic": topic, "data": {"i": i, "pad": padding}}))
             .collect();
-        let response = server
-            .http
-            .post(server.url("/api/publish"))
-            .json(&items)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
+        server.publish_batch(&items).await;
     }
     let scrape = server.scrape().await;
     assert!(scrape.get("crier_history_bytes") <= cap as f64);
@@ -307,14 +206,7 @@ async fn a_latest_subscriber_that_falls_behind_gets_the_freshest_value_not_a_bac
         let items: Vec<Value> = (start..start + 100)
             .map(|i| json!({"topic": "gauge", "data": {"v": i, "pad": padding}}))
             .collect();
-        let response = server
-            .http
-            .post(server.url("/api/publish"))
-            .json(&items)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
+        server.publish_batch(&items).await;
     }
     let (all_seqs, all) = tokio::time::timeout(PATIENCE, all_reader)
         .await
@@ -362,52 +254,7 @@ async fn a_latest_subscriber_that_falls_behind_gets_the_freshest_value_not_a_bac
 #[tokio::test]
 async fn rewind_and_history_over_http_and_websocket_agree() {
     let server = TestServer::start();
-    publish_numbers(&server, "board.a", 1, 5, 5).await;
-    publish_numbers(&server, "board.b", 1, 3, 3).await;
-    let mut c = Client::connect(&server, Enc::Msgpack).await;
-    let ack = c.subscribe_with("board.a", json!({"rewind": 2})).await;
-    assert_eq!(ack["seq"], 5);
-    assert_eq!(
-        (c.recv().await["seq"].clone(), c.recv().await["seq"].clone()),
-        (json!(4), json!(5))
-    );
-    let history = server.get("/api/topics/board.a/history?since=3").await;
-    assert_eq!(
-        history["messages"],
-        json!([{"seq": 4, "data": 4}, {"seq": 5, "data": 5}])
-    );
-    assert_eq!(history["epoch"], ack["epoch"]);
-
-    let mut dash = Client::connect(&server, Enc::Json).await;
-    dash.subscribe_with("board.*", json!({"rewind": 100})).await;
-    let mut by_topic: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
-    for _ in 0..8 {
-        let frame = dash.recv().await;
-        by_topic
-            .entry(frame["topic"].as_str().unwrap().to_owned())
-            .or_default()
-            .push(frame["seq"].as_u64().unwrap());
-    }
-    assert_eq!(by_topic["board.a"], vec![1, 2, 3, 4, 5]);
-    assert_eq!(by_topic["board.b"], vec![1, 2, 3]);
-    server.publish("board.b", &json!(4)).await;
-    assert_eq!(dash.recv().await["seq"], 4);
-    dash.expect_silence(Duration::from_millis(200)).await;
-
-    let response = server
-        .http
-        .get(server.url("/api/topics/bad..topic/history"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 400);
-    let response = server
-        .http
-        .get(server.url("/api/topics/board.a/history?since=x"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 400);
+    scenarios::rewind_and_history_agree(&server).await;
 }
 
 #[tokio::test]

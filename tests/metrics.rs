@@ -51,14 +51,7 @@ async fn stall(server: &TestServer, topic: &str) -> Client {
         .map(|_| json!({"topic": topic, "data": "x".repeat(1000)}))
         .collect();
     loop {
-        let response = server
-            .http
-            .post(server.url("/api/publish"))
-            .json(&batch)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
+        server.publish_batch(&batch).await;
         let info = server
             .connection(&slow.id)
             .await

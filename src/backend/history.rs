@@ -15,9 +15,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::frame::Encoding;
 use crate::metrics::{EvictReason, Metrics};
-use crate::registry::Publication;
+use crate::model::Publication;
 
 /// Bookkeeping bytes counted for each retained message besides its data and frames.
 const ENTRY_OVERHEAD: usize = 160;
@@ -42,7 +41,8 @@ pub(crate) struct HistoryIndex<T> {
     size: usize,
     ttl: Duration,
     max_bytes: usize,
-    bytes: AtomicUsize,
+    /// The meter every retained message counts its bytes on (frames made later included).
+    bytes: Arc<AtomicUsize>,
     messages: AtomicUsize,
     heads: Mutex<BinaryHeap<Reverse<Head<T>>>>,
     metrics: Arc<Metrics>,
@@ -86,12 +86,12 @@ impl TopicHistory {
     }
 
     pub(crate) fn oldest_seq(&self) -> Option<u64> {
-        self.entries.front().map(|p| p.seq())
+        self.entries.front().map(|p| p.seq)
     }
 
     /// Retained messages with a seq above `seq`, oldest first.
     pub(crate) fn after(&self, seq: u64) -> impl Iterator<Item = &Arc<Publication>> {
-        let skip = self.entries.partition_point(|p| p.seq() <= seq);
+        let skip = self.entries.partition_point(|p| p.seq <= seq);
         self.entries.iter().skip(skip)
     }
 
@@ -106,16 +106,14 @@ impl TopicHistory {
         let Some(evicted) = self.entries.pop_front() else {
             return false;
         };
-        index
-            .bytes
-            .fetch_sub(evicted.retire_from_history(), Ordering::Relaxed);
+        evicted.leave_history();
         index.messages.fetch_sub(1, Ordering::Relaxed);
         index.metrics.history_evicted(reason);
         true
     }
 
     fn head_key(&self) -> Option<Instant> {
-        self.entries.front().map(|p| p.published_at())
+        self.entries.front().map(|p| p.published_at)
     }
 }
 
@@ -125,7 +123,7 @@ impl<T: HistoryOwner> HistoryIndex<T> {
             size,
             ttl,
             max_bytes,
-            bytes: AtomicUsize::new(0),
+            bytes: Arc::new(AtomicUsize::new(0)),
             messages: AtomicUsize::new(0),
             heads: Mutex::new(BinaryHeap::new()),
             metrics,
@@ -157,8 +155,7 @@ impl<T: HistoryOwner> HistoryIndex<T> {
             return;
         }
         self.expire(history, now);
-        let counted = publication.enter_history(ENTRY_OVERHEAD);
-        self.bytes.fetch_add(counted, Ordering::Relaxed);
+        publication.enter_history(ENTRY_OVERHEAD, &self.bytes);
         self.messages.fetch_add(1, Ordering::Relaxed);
         history.entries.push_back(publication);
         while history.entries.len() > self.size {
@@ -183,13 +180,6 @@ impl<T: HistoryOwner> HistoryIndex<T> {
         {
             history.pop_front(self, EvictReason::Ttl);
         }
-    }
-
-    /// The frame of a retained message for `encoding`, counting it if it had to be encoded now.
-    pub(crate) fn frame(&self, publication: &Publication, encoding: Encoding) -> bytes::Bytes {
-        let (frame, added) = publication.frame_counted(encoding);
-        self.bytes.fetch_add(added, Ordering::Relaxed);
-        frame
     }
 
     /// Evicts the oldest messages of all topics until the histories fit in the byte cap. Must

@@ -3,34 +3,53 @@
 //!
 //! Every change bumps a generation number; topics cache their matches and recompute them only
 //! when the generation moved, so publishing to a topic takes no shared lock in steady state.
+//!
+//! The index holds one value per connection and pattern, and knows nothing of what the value is.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::RwLock;
 
-use crate::connection::ConnectionId;
-use crate::registry::Subscriber;
+use crate::model::ConnectionId;
 
-#[derive(Default)]
-pub(crate) struct PatternIndex {
-    root: RwLock<Node>,
+pub(crate) struct PatternIndex<T> {
+    root: RwLock<Node<T>>,
     generation: AtomicU64,
     count: AtomicUsize,
 }
 
-#[derive(Default)]
-struct Node {
-    literal: HashMap<Box<str>, Node>,
-    star: Option<Box<Node>>,
-    /// Subscribers whose pattern ends at this node.
-    here: Vec<Subscriber>,
-    /// Subscribers whose pattern ends with `>` after this node: one or more further segments.
-    rest: Vec<Subscriber>,
+impl<T> Default for PatternIndex<T> {
+    fn default() -> Self {
+        PatternIndex {
+            root: RwLock::new(Node::default()),
+            generation: AtomicU64::new(0),
+            count: AtomicUsize::new(0),
+        }
+    }
 }
 
-impl Node {
+struct Node<T> {
+    literal: HashMap<Box<str>, Node<T>>,
+    star: Option<Box<Node<T>>>,
+    /// Entries whose pattern ends at this node.
+    here: Vec<(ConnectionId, T)>,
+    /// Entries whose pattern ends with `>` after this node: one or more further segments.
+    rest: Vec<(ConnectionId, T)>,
+}
+
+impl<T> Default for Node<T> {
+    fn default() -> Self {
+        Node {
+            literal: HashMap::new(),
+            star: None,
+            here: Vec::new(),
+            rest: Vec::new(),
+        }
+    }
+}
+
+impl<T: Clone> Node<T> {
     fn is_empty(&self) -> bool {
         self.here.is_empty()
             && self.rest.is_empty()
@@ -38,7 +57,7 @@ impl Node {
             && self.literal.is_empty()
     }
 
-    fn child(&mut self, segment: &str) -> &mut Node {
+    fn child(&mut self, segment: &str) -> &mut Node<T> {
         if segment == "*" {
             self.star.get_or_insert_with(Default::default)
         } else {
@@ -49,7 +68,7 @@ impl Node {
     /// Removes `conn` from the pattern `segments`; returns whether it was there.
     fn remove(&mut self, segments: &[&str], conn: ConnectionId) -> bool {
         let remove_from =
-            |list: &mut Vec<Subscriber>| match list.iter().position(|s| s.conn.id == conn) {
+            |list: &mut Vec<(ConnectionId, T)>| match list.iter().position(|(id, _)| *id == conn) {
                 Some(i) => {
                     list.swap_remove(i);
                     true
@@ -83,7 +102,17 @@ impl Node {
         }
     }
 
-    fn collect(&self, segments: &[&str], out: &mut Vec<Subscriber>) {
+    /// The entries whose pattern is exactly `segments`.
+    fn exact(&self, segments: &[&str]) -> Option<&Vec<(ConnectionId, T)>> {
+        match segments {
+            [] => Some(&self.here),
+            [">"] => Some(&self.rest),
+            [first, rest @ ..] if *first == "*" => self.star.as_ref()?.exact(rest),
+            [first, rest @ ..] => self.literal.get(*first)?.exact(rest),
+        }
+    }
+
+    fn collect(&self, segments: &[&str], out: &mut Vec<(ConnectionId, T)>) {
         let Some((first, rest)) = segments.split_first() else {
             out.extend(self.here.iter().cloned());
             return;
@@ -98,9 +127,9 @@ impl Node {
     }
 }
 
-impl PatternIndex {
-    /// Adds a pattern subscription, or changes its mode if the connection already has it.
-    pub(crate) fn insert(&self, pattern: &str, subscriber: Subscriber) {
+impl<T: Clone> PatternIndex<T> {
+    /// Adds a connection's pattern subscription, or replaces its value if it already has it.
+    pub(crate) fn insert(&self, pattern: &str, conn: ConnectionId, value: T) {
         let segments: Vec<&str> = pattern.split('.').collect();
         let Some((last, init)) = segments.split_last() else {
             return;
@@ -114,10 +143,10 @@ impl PatternIndex {
         } else {
             &mut node.child(last).here
         };
-        match list.iter_mut().find(|s| s.conn.id == subscriber.conn.id) {
-            Some(existing) => *existing = subscriber,
+        match list.iter_mut().find(|(id, _)| *id == conn) {
+            Some(existing) => existing.1 = value,
             None => {
-                list.push(subscriber);
+                list.push((conn, value));
                 self.count.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -142,70 +171,68 @@ impl PatternIndex {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// The subscribers with a pattern matching `topic`, each connection once (its first matching
-    /// pattern decides the mode), and the generation they were computed at.
-    pub(crate) fn matching(&self, topic: &str) -> (u64, Arc<[Subscriber]>) {
+    /// Whether any connection subscribes to exactly `pattern`.
+    pub(crate) fn contains(&self, pattern: &str) -> bool {
+        let segments: Vec<&str> = pattern.split('.').collect();
+        self.root
+            .read()
+            .exact(&segments)
+            .is_some_and(|list| !list.is_empty())
+    }
+
+    /// The entries with a pattern matching `topic` (a connection with several matching patterns
+    /// appears once for each), and the generation they were computed at.
+    pub(crate) fn matching(&self, topic: &str) -> (u64, Vec<(ConnectionId, T)>) {
         let segments: Vec<&str> = topic.split('.').collect();
         let mut out = Vec::new();
         let root = self.root.read();
         let generation = self.generation();
         root.collect(&segments, &mut out);
-        drop(root);
-        out.sort_by_key(|s| s.conn.id);
-        out.dedup_by_key(|s| s.conn.id);
-        (generation, out.into())
+        (generation, out)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::SlowConsumerPolicy;
-    use crate::connection::Connection;
-    use crate::engine::DeliveryMode;
-    use crate::frame::Encoding;
-    use crate::queue::OutboundQueue;
 
-    fn conn() -> Arc<Connection> {
-        Arc::new(Connection::new(
-            None,
-            Encoding::Json,
-            OutboundQueue::new(
-                1024,
-                SlowConsumerPolicy::DropOldest,
-                Arc::new(crate::metrics::Metrics::new(
-                    &[],
-                    1024,
-                    std::sync::Weak::new(),
-                )),
-            ),
-            None,
-        ))
+    fn ids(index: &PatternIndex<char>, topic: &str) -> Vec<ConnectionId> {
+        let mut ids: Vec<ConnectionId> =
+            index.matching(topic).1.iter().map(|(id, _)| *id).collect();
+        ids.sort();
+        ids.dedup();
+        ids
     }
 
-    fn ids(index: &PatternIndex, topic: &str) -> Vec<ConnectionId> {
-        index.matching(topic).1.iter().map(|s| s.conn.id).collect()
-    }
-
-    fn sub(conn: &Arc<Connection>) -> Subscriber {
-        Subscriber::new(conn.clone(), DeliveryMode::All)
-    }
+    const A: ConnectionId = ConnectionId(1);
+    const B: ConnectionId = ConnectionId(2);
 
     #[test]
-    fn finds_matching_patterns_once_per_connection() {
+    fn finds_matching_patterns() {
         let index = PatternIndex::default();
-        let (a, b) = (conn(), conn());
-        index.insert("metrics.*", sub(&a));
-        index.insert("metrics.>", sub(&a));
-        index.insert("*.cpu", sub(&b));
-        index.insert(">", sub(&b));
-        let mut both = vec![a.id, b.id];
-        both.sort();
-        assert_eq!(ids(&index, "metrics.cpu"), both);
-        assert_eq!(ids(&index, "metrics.cpu.0"), both);
-        assert_eq!(ids(&index, "metrics"), vec![b.id]);
-        assert_eq!(ids(&index, "other.mem"), vec![b.id]);
+        index.insert("metrics.*", A, 'a');
+        index.insert("metrics.>", A, 'b');
+        index.insert("*.cpu", B, 'c');
+        index.insert(">", B, 'd');
+        assert_eq!(ids(&index, "metrics.cpu"), vec![A, B]);
+        assert_eq!(ids(&index, "metrics.cpu.0"), vec![A, B]);
+        assert_eq!(ids(&index, "metrics"), vec![B]);
+        assert_eq!(ids(&index, "other.mem"), vec![B]);
+        let mut values: Vec<char> = index
+            .matching("metrics.cpu")
+            .1
+            .iter()
+            .map(|(_, v)| *v)
+            .collect();
+        values.sort();
+        assert_eq!(
+            values,
+            vec!['a', 'b', 'c', 'd'],
+            "each matching pattern once"
+        );
         assert_eq!(index.len(), 4);
+        assert!(index.contains("metrics.>") && index.contains("*.cpu") && index.contains(">"));
+        assert!(!index.contains("metrics") && !index.contains("*") && !index.contains("x.>"));
     }
 
     #[test]
@@ -234,8 +261,7 @@ mod tests {
         ];
         for (pattern, topic, expected) in cases {
             let index = PatternIndex::default();
-            let c = conn();
-            index.insert(pattern, sub(&c));
+            index.insert(pattern, A, 'x');
             assert_eq!(
                 !ids(&index, topic).is_empty(),
                 expected,
@@ -245,20 +271,29 @@ mod tests {
     }
 
     #[test]
+    fn insert_replaces_a_connections_value() {
+        let index = PatternIndex::default();
+        index.insert("a.*", A, 'x');
+        index.insert("a.*", A, 'y');
+        assert_eq!(index.matching("a.b").1, vec![(A, 'y')]);
+        assert_eq!(index.len(), 1);
+    }
+
+    #[test]
     fn removal_prunes_and_moves_the_generation() {
         let index = PatternIndex::default();
-        let a = conn();
-        index.insert("a.*.c", sub(&a));
+        index.insert("a.*.c", A, 'x');
         let before = index.generation();
-        assert_eq!(ids(&index, "a.b.c"), vec![a.id]);
-        index.remove("a.*.c", a.id);
+        assert_eq!(ids(&index, "a.b.c"), vec![A]);
+        index.remove("a.*.c", A);
         assert!(index.generation() > before);
         assert!(ids(&index, "a.b.c").is_empty());
         assert!(index.root.read().is_empty());
         assert_eq!(index.len(), 0);
+        assert!(!index.contains("a.*.c"));
         // Removing what is not there changes nothing.
         let generation = index.generation();
-        index.remove("a.*.c", a.id);
+        index.remove("a.*.c", A);
         assert_eq!(index.generation(), generation);
     }
 }

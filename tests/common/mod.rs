@@ -1,5 +1,10 @@
 //! Test harness: a real Crier server on a free port, and a real WebSocket client over TCP.
+//!
+//! The crate's own tests include this file too (with `#[path]`), to run the same scenarios
+//! against a broker built with a test-only backend.
 #![allow(dead_code)]
+
+pub mod scenarios;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -33,6 +38,14 @@ impl TestServer {
 
     /// Starts a server on a free port after `adjust` has changed the defaults.
     pub fn with(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        TestServer::spawn(adjust, Server::bind)
+    }
+
+    /// Starts the server `bind` makes of the defaults (changed by `adjust`), on a free port.
+    pub fn spawn(
+        adjust: impl FnOnce(&mut Config),
+        bind: impl FnOnce(Config) -> std::io::Result<Server> + Send + 'static,
+    ) -> TestServer {
         init_logging();
         let mut config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -43,7 +56,7 @@ impl TestServer {
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             actix_web::rt::System::new().block_on(async move {
-                let server = Server::bind(config)?.handle_signals(false);
+                let server = bind(config)?.handle_signals(false);
                 tx.send((server.local_addr(), server.shutdown_handle()))
                     .unwrap();
                 server.run().await
@@ -98,6 +111,19 @@ impl TestServer {
             .http
             .post(self.url(&format!("/api/topics/{topic}")))
             .json(data)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
+    /// POSTs `[{"topic":...,"data":...}, ...]` to `/api/publish`; returns the response body.
+    pub async fn publish_batch(&self, items: &[Value]) -> Value {
+        let response = self
+            .http
+            .post(self.url("/api/publish"))
+            .json(items)
             .send()
             .await
             .unwrap();

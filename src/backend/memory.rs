@@ -1,0 +1,304 @@
+//! The in-memory backend: topics in a concurrent map, each with its seq, epoch and history behind
+//! its own lock.
+//!
+//! A topic's lock is held while its next seq is assigned, the publication is handed to the
+//! delivery sink and retained in history, so publications of a topic reach the sink in seq order
+//! and a history read sees exactly the publications delivered before it. Different topics never
+//! contend; there is no global lock on the publish path.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::history::{HistoryIndex, HistoryOwner, TopicHistory};
+use super::{
+    Backend, BackendStats, DeliverySink, HistoryPage, HistoryQuery, Published, StreamInfo,
+};
+use crate::config::Config;
+use crate::data::Data;
+use crate::metrics::Metrics;
+use crate::model::{Publication, StreamPosition};
+use crate::table::{TopicEntry, TopicTable};
+use crate::topic::Subject;
+
+pub(crate) struct MemoryBackend {
+    topics: TopicTable<TopicState>,
+    history: HistoryIndex<Topic>,
+    /// How long a topic with no interest and no history keeps its seq and epoch.
+    topic_ttl: Duration,
+    sink: Arc<dyn DeliverySink>,
+}
+
+type Topic = TopicEntry<TopicState>;
+
+pub(crate) struct TopicState {
+    seq: u64,
+    /// Identifies this stream of seqs: a new one whenever the topic starts afresh.
+    epoch: Arc<str>,
+    /// Whether this node has subscribers to the topic.
+    interested: bool,
+    history: TopicHistory,
+    /// The last publish, or the end of interest.
+    last_active: Instant,
+}
+
+impl HistoryOwner for Topic {
+    fn with_history<R>(&self, f: impl FnOnce(&mut TopicHistory) -> R) -> Option<R> {
+        self.with(|state| f(&mut state.history))
+    }
+}
+
+/// A fresh epoch: random, so that a restarted node never reuses one.
+pub(crate) fn new_epoch() -> Arc<str> {
+    format!("{:016x}", fastrand::u64(..)).into()
+}
+
+impl Default for TopicState {
+    fn default() -> Self {
+        TopicState {
+            seq: 0,
+            epoch: new_epoch(),
+            interested: false,
+            history: TopicHistory::default(),
+            last_active: Instant::now(),
+        }
+    }
+}
+
+impl TopicState {
+    fn position(&self) -> StreamPosition {
+        StreamPosition {
+            epoch: self.epoch.clone(),
+            seq: self.seq,
+        }
+    }
+
+    /// Whether nothing needs the topic any more.
+    fn idle(&self, now: Instant, ttl: Duration) -> bool {
+        !self.interested
+            && self.history.is_empty()
+            && now.saturating_duration_since(self.last_active) >= ttl
+    }
+}
+
+impl MemoryBackend {
+    pub(crate) fn new(config: &Config, metrics: Arc<Metrics>, sink: Arc<dyn DeliverySink>) -> Self {
+        MemoryBackend {
+            topics: TopicTable::default(),
+            history: HistoryIndex::new(
+                if config.history_enabled() {
+                    config.history_size
+                } else {
+                    0
+                },
+                config.history_ttl,
+                config.history_max_bytes,
+                metrics,
+            ),
+            topic_ttl: config.topic_ttl,
+            sink,
+        }
+    }
+
+    /// Runs `f` on the topic's state under its lock, creating the topic if needed.
+    fn with_topic<R>(&self, name: &str, f: impl FnOnce(&Arc<Topic>, &mut TopicState) -> R) -> R {
+        self.topics.with_or_create(name, f)
+    }
+
+    /// Runs `f` on an existing topic's state under its lock.
+    fn with_existing<R>(&self, name: &str, f: impl FnOnce(&mut TopicState) -> R) -> Option<R> {
+        self.topics.get(name)?.with(f)
+    }
+
+    fn page(&self, state: &mut TopicState, query: HistoryQuery) -> HistoryPage {
+        self.history.expire(&mut state.history, Instant::now());
+        let publications = match query {
+            HistoryQuery::After { seq, limit } => {
+                state.history.after(seq).take(limit).cloned().collect()
+            }
+            HistoryQuery::Last(n) => state.history.last(n).cloned().collect(),
+        };
+        HistoryPage {
+            position: state.position(),
+            oldest: state.history.oldest_seq(),
+            publications,
+        }
+    }
+}
+
+impl Backend for MemoryBackend {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn publish(&self, topic: &str, data: Data) -> Published {
+        let accepted = Instant::now();
+        let published = self.with_topic(topic, |t, state| {
+            state.seq += 1;
+            state.last_active = accepted;
+            let position = state.position();
+            let publication = Arc::new(Publication::new(t.name.clone(), &position, data, accepted));
+            let receivers = self.sink.deliver(&publication);
+            self.history.retain(
+                &mut state.history,
+                publication,
+                &Arc::downgrade(t),
+                accepted,
+            );
+            Published {
+                position,
+                receivers: Some(receivers),
+            }
+        });
+        self.history.enforce_cap();
+        published
+    }
+
+    fn history(&self, topic: &str, query: HistoryQuery) -> Option<HistoryPage> {
+        self.with_existing(topic, |state| self.page(state, query))
+    }
+
+    fn interest(&self, subject: &Subject, on: bool) {
+        // Every publication reaches the sink whatever the interest; it only keeps a subscribed
+        // topic (and so its epoch) alive.
+        let Subject::Topic(name) = subject else {
+            return;
+        };
+        if on {
+            self.with_topic(name, |_, state| state.interested = true);
+        } else {
+            self.with_existing(name, |state| {
+                state.interested = false;
+                state.last_active = Instant::now();
+            });
+        }
+    }
+
+    fn streams(&self) -> Vec<StreamInfo> {
+        self.topics
+            .entries()
+            .iter()
+            .filter_map(|topic| {
+                topic.with(|state| StreamInfo {
+                    name: topic.name.clone(),
+                    position: state.position(),
+                    history: state.history.len(),
+                })
+            })
+            .collect()
+    }
+
+    fn sweep(&self, now: Instant) {
+        self.history.sweep(now);
+        self.topics
+            .remove_idle(|_, state| state.idle(now, self.topic_ttl));
+    }
+
+    fn stats(&self) -> BackendStats {
+        BackendStats {
+            history_messages: self.history.messages(),
+            history_bytes: self.history.bytes(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use parking_lot::Mutex;
+
+    /// A sink that keeps what it is given.
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<Arc<Publication>>>);
+
+    impl DeliverySink for Collect {
+        fn deliver(&self, publication: &Arc<Publication>) -> usize {
+            self.0.lock().push(publication.clone());
+            1
+        }
+    }
+
+    fn backend_with(adjust: impl FnOnce(&mut Config)) -> (MemoryBackend, Arc<Collect>) {
+        let mut config = Config::default();
+        adjust(&mut config);
+        let sink = Arc::new(Collect::default());
+        let metrics = Arc::new(Metrics::new(&[]));
+        (MemoryBackend::new(&config, metrics, sink.clone()), sink)
+    }
+
+    fn json(s: &str) -> Data {
+        Data::Json(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn seqs(page: &HistoryPage) -> Vec<u64> {
+        page.publications.iter().map(|p| p.seq).collect()
+    }
+
+    #[test]
+    fn publications_reach_the_sink_in_seq_order_and_stay_in_history() {
+        let (backend, sink) = backend_with(|_| {});
+        for i in 1..=3 {
+            let published = backend.publish("t", json(&i.to_string()));
+            assert_eq!((published.position.seq, published.receivers), (i, Some(1)));
+        }
+        backend.publish("u", json("1"));
+        let delivered: Vec<(String, u64)> = sink
+            .0
+            .lock()
+            .iter()
+            .map(|p| (p.topic.to_string(), p.seq))
+            .collect();
+        assert_eq!(
+            delivered,
+            vec![
+                ("t".into(), 1),
+                ("t".into(), 2),
+                ("t".into(), 3),
+                ("u".into(), 1)
+            ]
+        );
+        let page = backend
+            .history("t", HistoryQuery::After { seq: 1, limit: 10 })
+            .unwrap();
+        assert_eq!(
+            (seqs(&page), page.oldest, page.position.seq),
+            (vec![2, 3], Some(1), 3)
+        );
+        assert_eq!(
+            seqs(&backend.history("t", HistoryQuery::Last(1)).unwrap()),
+            vec![3]
+        );
+        assert!(backend.history("nope", HistoryQuery::Last(0)).is_none());
+        assert_eq!(backend.name(), "memory");
+    }
+
+    #[test]
+    fn interest_keeps_a_topic_and_its_epoch_alive() {
+        let (backend, _) = backend_with(|c| c.history_size = 0);
+        let t = Subject::parse("t").unwrap();
+        backend.interest(&t, true);
+        let epoch = backend
+            .history("t", HistoryQuery::Last(0))
+            .unwrap()
+            .position
+            .epoch;
+        let later = Instant::now() + Duration::from_secs(3600);
+        backend.sweep(later);
+        assert_eq!(backend.streams().len(), 1, "kept while interested");
+        backend.interest(&t, false);
+        backend.sweep(Instant::now());
+        assert_eq!(backend.streams().len(), 1, "kept for the topic ttl");
+        backend.sweep(later);
+        assert!(backend.streams().is_empty());
+        backend.interest(&t, true);
+        let again = backend
+            .history("t", HistoryQuery::Last(0))
+            .unwrap()
+            .position
+            .epoch;
+        assert_ne!(epoch, again, "a new stream, a new epoch");
+        // Patterns change nothing here: every publication reaches the sink anyway.
+        backend.interest(&Subject::parse("a.*").unwrap(), true);
+        assert_eq!(backend.streams().len(), 1);
+    }
+}

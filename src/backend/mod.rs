@@ -1,0 +1,105 @@
+//! The backend: where a publication gets its seq, where history is kept, and how publications
+//! reach this node. A backend knows topics, publications and history, never a connection.
+//!
+//! Every publication, whichever node it was published on, reaches this node's subscribers by
+//! one path: the backend hands it to the node's [`DeliverySink`] (the hub), in seq order per
+//! topic. The in-memory backend does so at once, on the publisher's thread; a backend shared by
+//! several nodes does so later, from the task that reads it. The hub never relies on which.
+
+mod history;
+pub(crate) mod memory;
+
+#[cfg(test)]
+pub(crate) mod delayed;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::data::Data;
+use crate::model::{Publication, StreamPosition};
+use crate::topic::Subject;
+
+/// This node's side of the backend: where publications are delivered.
+pub(crate) trait DeliverySink: Send + Sync + 'static {
+    /// Queues `publication` for this node's subscribers; returns how many connections it was
+    /// queued for. Publications of one topic arrive in seq order, from any thread.
+    fn deliver(&self, publication: &Arc<Publication>) -> usize;
+}
+
+/// The outcome of one publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Published {
+    pub position: StreamPosition,
+    /// Connections on this node the message was queued for, when the backend delivered it
+    /// before answering.
+    pub receivers: Option<usize>,
+}
+
+/// Which retained messages a history read returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HistoryQuery {
+    /// Those after this seq, oldest first, at most `limit`.
+    After { seq: u64, limit: usize },
+    /// The last N (none: only the stream's position).
+    Last(usize),
+}
+
+/// A topic's stream position and some of its retained messages, read at one instant.
+#[derive(Debug, Clone)]
+pub(crate) struct HistoryPage {
+    pub position: StreamPosition,
+    /// The oldest seq still retained, if any.
+    pub oldest: Option<u64>,
+    pub publications: Vec<Arc<Publication>>,
+}
+
+impl HistoryPage {
+    /// Whether the page's messages, with what is retained, cover everything after `seq` of the
+    /// stream `epoch`: the same stream, and nothing after `seq` has been evicted.
+    pub(crate) fn covers_after(&self, epoch: &str, seq: u64) -> bool {
+        *self.position.epoch == *epoch
+            && seq <= self.position.seq
+            && (seq == self.position.seq || self.oldest.is_some_and(|oldest| oldest <= seq + 1))
+    }
+}
+
+/// One topic as the backend knows it.
+#[derive(Debug, Clone)]
+pub(crate) struct StreamInfo {
+    pub name: Arc<str>,
+    pub position: StreamPosition,
+    /// Messages retained.
+    pub history: usize,
+}
+
+/// Counts the backend keeps up to date for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct BackendStats {
+    pub history_messages: usize,
+    pub history_bytes: usize,
+}
+
+pub(crate) trait Backend: Send + Sync + 'static {
+    /// What `/api/topics` and `/metrics` call it.
+    fn name(&self) -> &'static str;
+
+    /// Assigns the next seq on `topic` (a valid topic, not a pattern), retains the message in
+    /// history and hands it to the delivery sink.
+    fn publish(&self, topic: &str, data: Data) -> Published;
+
+    /// The topic's position and the retained messages `query` asks for; None for a topic the
+    /// backend does not know.
+    fn history(&self, topic: &str, query: HistoryQuery) -> Option<HistoryPage>;
+
+    /// This node gained its first subscriber to `subject` (`on`) or lost its last. A topic this
+    /// node is interested in exists, with a stable epoch, until interest ends.
+    fn interest(&self, subject: &Subject, on: bool);
+
+    /// Every topic the backend knows: with a seq, with retained messages, or with interest.
+    fn streams(&self) -> Vec<StreamInfo>;
+
+    /// Periodic housekeeping: expires history and forgets topics idle long enough.
+    fn sweep(&self, now: Instant);
+
+    fn stats(&self) -> BackendStats;
+}

@@ -1,0 +1,587 @@
+//! The hub: this node's subscribers, and how a publication reaches them.
+//!
+//! The hub keeps exact and pattern subscriptions per topic, queues each publication's frame
+//! (encoded once per encoding) for every connection that wants it, once per connection, applying
+//! each subscription's delivery mode, and joins a subscription's replay of history to its live
+//! stream.
+//!
+//! The join is done by seq, not by holding any lock of the backend's: a subscription is
+//! registered first and holds back the live publications of its topic while it reads and queues
+//! history; then it releases those it held, dropping any its replay already had. Anything
+//! published before the registration is in the history it reads; anything delivered after it is
+//! held or queued; so the join has no gap and no duplicate whatever thread the backend delivers
+//! from and however late. Live publications the replay already covered, arriving after the join,
+//! are dropped too.
+//!
+//! Queuing never waits: a slow subscriber's queue drops, conflates or closes (see
+//! [`crate::queue`]).
+
+mod patterns;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::backend::{Backend, DeliverySink, HistoryQuery};
+use crate::config::Config;
+use crate::connection::Connection;
+use crate::frame;
+use crate::metrics::{Metrics, Ns};
+use crate::model::{
+    ConnectionId, DeliveryMode, Publication, Replay, StreamPosition, SubscribeOptions, Subscribed,
+};
+use crate::queue::Push;
+use crate::table::{TopicEntry, TopicTable};
+use crate::topic::{self, Subject};
+use patterns::PatternIndex;
+
+pub(crate) struct Hub {
+    topics: TopicTable<TopicState, Interest>,
+    patterns: PatternIndex<PatternRoute>,
+    /// The patterns the backend has been told this node subscribes to. Changes are made under
+    /// this lock, so the backend hears them in the order they happened.
+    pattern_interest: Mutex<HashSet<Arc<str>>>,
+    /// How long a topic entry without exact subscribers outlives its last delivery.
+    topic_ttl: Duration,
+    metrics: Arc<Metrics>,
+    topics_with_subscribers: AtomicUsize,
+}
+
+/// Counts the hub keeps up to date for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct HubStats {
+    /// Topics with at least one exact subscription.
+    pub topics: usize,
+    /// Pattern subscriptions.
+    pub patterns: usize,
+}
+
+/// A topic with subscribers on this node, or one recently delivered to while patterns exist.
+type HubTopic = TopicEntry<TopicState, Interest>;
+
+/// Whether the backend has been told of this node's interest in a topic. Taken before the
+/// topic's state, never while holding it, and never on the delivery path.
+#[derive(Default)]
+struct Interest(Mutex<bool>);
+
+struct TopicState {
+    exact: HashMap<ConnectionId, ExactRoute>,
+    /// Pattern routes matching this topic, one per connection, as of a pattern-index generation.
+    pattern_matches: (u64, Arc<[PatternRoute]>),
+    /// The last delivery or subscription change.
+    last_active: Instant,
+}
+
+/// How a subscription's messages reach its connection.
+#[derive(Clone)]
+struct Subscriber {
+    conn: Arc<Connection>,
+    mode: DeliveryMode,
+}
+
+impl Subscriber {
+    /// Offers a publication's frame to the connection, as accepted at `now`.
+    fn offer(&self, publication: &Publication, ns: Ns, now: Instant) -> Push {
+        let encoding = self.conn.encoding;
+        let frame = publication.frame(encoding, |p| {
+            frame::encode_message(encoding, &p.topic, p.seq, &p.data)
+        });
+        match self.mode {
+            DeliveryMode::All => self.conn.queue.push_message(frame, ns, now),
+            DeliveryMode::Latest { min_interval } => {
+                self.conn
+                    .queue
+                    .push_latest(frame, &publication.topic, ns, now, min_interval)
+            }
+        }
+    }
+}
+
+/// A connection's subscription to exactly this topic.
+struct ExactRoute {
+    subscriber: Subscriber,
+    join: Join,
+}
+
+enum Join {
+    /// Replaying history: live publications wait here.
+    Replaying(Vec<Arc<Publication>>),
+    /// Live. Until a publication after `replayed` passes, those up to it are ones the replay had.
+    Live { replayed: Option<StreamPosition> },
+}
+
+impl ExactRoute {
+    /// Queues a live publication unless the replay had it; whether it was accepted.
+    fn offer_live(&mut self, publication: &Arc<Publication>, ns: Ns) -> bool {
+        match &mut self.join {
+            Join::Replaying(held) => {
+                held.push(publication.clone());
+                true
+            }
+            Join::Live { replayed } => {
+                if let Some(position) = replayed {
+                    if publication.is_at_or_before(position) {
+                        return false;
+                    }
+                    // Publications of a topic arrive in seq order: nothing later can be a repeat.
+                    *replayed = None;
+                }
+                self.subscriber
+                    .offer(publication, ns, publication.published_at)
+                    .accepted()
+            }
+        }
+    }
+}
+
+/// A connection's pattern subscription, as cached by every topic it matches.
+#[derive(Clone)]
+struct PatternRoute {
+    subscriber: Subscriber,
+    /// Set for a subscription that replayed history (`rewind`).
+    join: Option<Arc<PatternJoin>>,
+}
+
+/// The join of a pattern subscription's replay (every matching topic's last messages) to its
+/// live stream.
+#[derive(Default)]
+struct PatternJoin {
+    /// Live publications held while the replay is queued; None once it is done.
+    held: Mutex<Option<Vec<Arc<Publication>>>>,
+    /// Where each replayed topic's replay ended, set once the held publications are released.
+    replayed: OnceLock<HashMap<Arc<str>, StreamPosition>>,
+}
+
+enum Admit {
+    Offer,
+    Held,
+    Replayed,
+}
+
+impl PatternJoin {
+    fn replaying() -> Self {
+        PatternJoin {
+            held: Mutex::new(Some(Vec::new())),
+            replayed: OnceLock::new(),
+        }
+    }
+
+    fn admit(&self, publication: &Arc<Publication>) -> Admit {
+        if let Some(replayed) = self.replayed.get() {
+            return Self::filter(replayed, publication);
+        }
+        let mut held = self.held.lock();
+        match held.as_mut() {
+            Some(held) => {
+                held.push(publication.clone());
+                Admit::Held
+            }
+            // Released since the check above, under this lock.
+            None => self
+                .replayed
+                .get()
+                .map_or(Admit::Offer, |replayed| Self::filter(replayed, publication)),
+        }
+    }
+
+    fn filter(replayed: &HashMap<Arc<str>, StreamPosition>, publication: &Publication) -> Admit {
+        let repeat = !replayed.is_empty()
+            && replayed
+                .get(&publication.topic)
+                .is_some_and(|position| publication.is_at_or_before(position));
+        if repeat {
+            Admit::Replayed
+        } else {
+            Admit::Offer
+        }
+    }
+
+    /// Ends the replay: releases what was held, in order, except what the replay had.
+    fn release(
+        &self,
+        replayed: HashMap<Arc<str>, StreamPosition>,
+        mut offer: impl FnMut(&Arc<Publication>),
+    ) {
+        let mut held = self.held.lock();
+        for publication in held.take().unwrap_or_default() {
+            if let Admit::Offer = Self::filter(&replayed, &publication) {
+                offer(&publication);
+            }
+        }
+        // Set under the lock and after the release, so that nothing newer overtakes it.
+        let _ = self.replayed.set(replayed);
+    }
+}
+
+impl Default for TopicState {
+    fn default() -> Self {
+        TopicState {
+            exact: HashMap::new(),
+            pattern_matches: (u64::MAX, Arc::from([])),
+            last_active: Instant::now(),
+        }
+    }
+}
+
+impl TopicState {
+    fn refresh_pattern_matches(
+        &mut self,
+        name: &str,
+        patterns: &PatternIndex<PatternRoute>,
+    ) -> Arc<[PatternRoute]> {
+        if self.pattern_matches.0 != patterns.generation() {
+            let (generation, routes) = patterns.matching(name);
+            self.pattern_matches = (generation, one_route_per_connection(routes));
+        }
+        self.pattern_matches.1.clone()
+    }
+
+    /// Queues `publication` for every connection that wants it, once each: exact subscribers
+    /// first, then pattern subscribers whose connection has no exact subscription to the topic.
+    fn deliver(
+        &mut self,
+        name: &str,
+        publication: &Arc<Publication>,
+        ns: Ns,
+        patterns: &PatternIndex<PatternRoute>,
+    ) -> usize {
+        let mut receivers = 0;
+        for route in self.exact.values_mut() {
+            if route.offer_live(publication, ns) {
+                receivers += 1;
+            }
+        }
+        if patterns.len() > 0 {
+            let matches = self.refresh_pattern_matches(name, patterns);
+            for route in matches
+                .iter()
+                .filter(|r| !self.exact.contains_key(&r.subscriber.conn.id))
+            {
+                let admit = route
+                    .join
+                    .as_ref()
+                    .map_or(Admit::Offer, |j| j.admit(publication));
+                let accepted = match admit {
+                    Admit::Offer => route
+                        .subscriber
+                        .offer(publication, ns, publication.published_at)
+                        .accepted(),
+                    Admit::Held => true,
+                    Admit::Replayed => false,
+                };
+                if accepted {
+                    receivers += 1;
+                }
+            }
+        }
+        receivers
+    }
+
+    /// How many connections would receive a publication now.
+    fn receivers(&mut self, name: &str, patterns: &PatternIndex<PatternRoute>) -> usize {
+        let mut receivers = self.exact.len();
+        if patterns.len() > 0 {
+            let matches = self.refresh_pattern_matches(name, patterns);
+            receivers += matches
+                .iter()
+                .filter(|r| !self.exact.contains_key(&r.subscriber.conn.id))
+                .count();
+        }
+        receivers
+    }
+}
+
+/// Keeps one route per connection, preferring one without a replay to join.
+fn one_route_per_connection(mut routes: Vec<(ConnectionId, PatternRoute)>) -> Arc<[PatternRoute]> {
+    routes.sort_by_key(|(id, route)| (*id, route.join.is_some()));
+    routes.dedup_by_key(|(id, _)| *id);
+    routes.into_iter().map(|(_, route)| route).collect()
+}
+
+impl Hub {
+    pub(crate) fn new(config: &Config, metrics: Arc<Metrics>) -> Self {
+        Hub {
+            topics: TopicTable::default(),
+            patterns: PatternIndex::default(),
+            pattern_interest: Mutex::new(HashSet::new()),
+            topic_ttl: config.topic_ttl,
+            metrics,
+            topics_with_subscribers: AtomicUsize::new(0),
+        }
+    }
+
+    /// Starts delivering messages on `subject` to `conn` (or changes how, if it was already
+    /// subscribed), after the replay `options` ask for. `acknowledge` runs before any replayed
+    /// or live message of the subscription is queued.
+    pub(crate) fn subscribe(
+        &self,
+        backend: &dyn Backend,
+        conn: &Arc<Connection>,
+        subject: &Subject,
+        options: &SubscribeOptions,
+        acknowledge: &mut dyn FnMut(&Subscribed),
+    ) {
+        let subscriber = Subscriber {
+            conn: conn.clone(),
+            mode: options.mode,
+        };
+        match subject {
+            Subject::Topic(name) => {
+                self.subscribe_topic(backend, name, subscriber, &options.replay, acknowledge)
+            }
+            Subject::Pattern(pattern) => {
+                acknowledge(&Subscribed::default());
+                match options.replay {
+                    Replay::Rewind(n) if n > 0 => {
+                        self.subscribe_pattern_with_rewind(backend, pattern, subscriber, n)
+                    }
+                    _ => {
+                        let route = PatternRoute {
+                            subscriber,
+                            join: None,
+                        };
+                        self.patterns.insert(pattern, conn.id, route);
+                        self.reconcile_pattern_interest(backend, pattern);
+                    }
+                }
+            }
+        }
+    }
+
+    fn subscribe_topic(
+        &self,
+        backend: &dyn Backend,
+        name: &str,
+        subscriber: Subscriber,
+        replay: &Replay,
+        acknowledge: &mut dyn FnMut(&Subscribed),
+    ) {
+        let id = subscriber.conn.id;
+        let route = ExactRoute {
+            subscriber: subscriber.clone(),
+            join: Join::Replaying(Vec::new()),
+        };
+        let topic = self.topics.with_or_create(name, |topic, state| {
+            self.add_exact(state, id, route);
+            topic.clone()
+        });
+        self.reconcile_interest(backend, &topic);
+
+        let query = match replay {
+            Replay::Since { seq, .. } => HistoryQuery::After {
+                seq: *seq,
+                limit: usize::MAX,
+            },
+            Replay::Rewind(n) => HistoryQuery::Last(*n),
+            Replay::None => HistoryQuery::Last(0),
+        };
+        let page = backend.history(name, query);
+        let recovered = match replay {
+            Replay::Since { epoch, seq } => {
+                Some(page.as_ref().is_some_and(|p| p.covers_after(epoch, *seq)))
+            }
+            _ => None,
+        };
+        acknowledge(&Subscribed {
+            stream: page.as_ref().map(|p| p.position.clone()),
+            recovered,
+        });
+        let (replayed, publications) = match page {
+            Some(page) => {
+                let same_stream = match replay {
+                    Replay::Since { epoch, .. } => **epoch == *page.position.epoch,
+                    _ => true,
+                };
+                // Another stream's seqs (the topic started afresh) mean nothing to the client.
+                let publications = if same_stream {
+                    page.publications
+                } else {
+                    Vec::new()
+                };
+                (Some(page.position), publications)
+            }
+            None => (None, Vec::new()),
+        };
+        let ns = self.metrics.namespace(name);
+        let now = Instant::now();
+        for publication in &publications {
+            subscriber.offer(publication, ns, now);
+        }
+
+        // Live from here: what arrived meanwhile goes out now, unless the replay had it. (The
+        // entry stays in the table while it has this route.)
+        topic.with(|state| {
+            if let Some(route) = state.exact.get_mut(&id)
+                && let Join::Replaying(held) = &mut route.join
+            {
+                let held = std::mem::take(held);
+                route.join = Join::Live { replayed };
+                for publication in &held {
+                    route.offer_live(publication, ns);
+                }
+            }
+        });
+    }
+
+    /// A pattern subscription with a rewind: every matching topic with history replays its last
+    /// `n` messages before its live ones.
+    fn subscribe_pattern_with_rewind(
+        &self,
+        backend: &dyn Backend,
+        pattern: &Arc<str>,
+        subscriber: Subscriber,
+        n: usize,
+    ) {
+        let join = Arc::new(PatternJoin::replaying());
+        let route = PatternRoute {
+            subscriber: subscriber.clone(),
+            join: Some(join.clone()),
+        };
+        self.patterns.insert(pattern, subscriber.conn.id, route);
+        self.reconcile_pattern_interest(backend, pattern);
+
+        let mut replayed = HashMap::new();
+        let now = Instant::now();
+        for stream in backend.streams() {
+            if stream.history == 0 || !topic::matches(pattern, &stream.name) {
+                continue;
+            }
+            let Some(page) = backend.history(&stream.name, HistoryQuery::Last(n)) else {
+                continue;
+            };
+            let ns = self.metrics.namespace(&stream.name);
+            for publication in &page.publications {
+                subscriber.offer(publication, ns, now);
+            }
+            replayed.insert(stream.name, page.position);
+        }
+        join.release(replayed, |publication| {
+            let ns = self.metrics.namespace(&publication.topic);
+            subscriber.offer(publication, ns, publication.published_at);
+        });
+    }
+
+    /// Stops delivering messages on `subject` to `conn`; unknown subscriptions are ignored.
+    pub(crate) fn unsubscribe(&self, backend: &dyn Backend, conn: ConnectionId, subject: &Subject) {
+        match subject {
+            Subject::Topic(name) => {
+                let Some(topic) = self.topics.get(name) else {
+                    return;
+                };
+                let emptied = topic.with(|state| {
+                    let removed = self.remove_exact(state, conn);
+                    state.last_active = Instant::now();
+                    removed && state.exact.is_empty()
+                });
+                if emptied == Some(true) {
+                    self.reconcile_interest(backend, &topic);
+                }
+            }
+            Subject::Pattern(pattern) => {
+                self.patterns.remove(pattern, conn);
+                self.reconcile_pattern_interest(backend, pattern);
+            }
+        }
+    }
+
+    /// Adds or replaces an exact route, keeping the count of topics with subscribers.
+    fn add_exact(&self, state: &mut TopicState, id: ConnectionId, route: ExactRoute) {
+        state.last_active = Instant::now();
+        if state.exact.insert(id, route).is_none() && state.exact.len() == 1 {
+            self.topics_with_subscribers.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn remove_exact(&self, state: &mut TopicState, id: ConnectionId) -> bool {
+        let removed = state.exact.remove(&id).is_some();
+        if removed && state.exact.is_empty() {
+            self.topics_with_subscribers.fetch_sub(1, Ordering::Relaxed);
+        }
+        removed
+    }
+
+    /// Tells the backend whether this node wants the topic, if that changed. Whoever calls this
+    /// last after a change tells the backend the latest state, so concurrent subscribes and
+    /// unsubscribes cannot leave it with a stale one.
+    fn reconcile_interest(&self, backend: &dyn Backend, topic: &HubTopic) {
+        let mut told = topic.extra.0.lock();
+        // An entry that left the table has no subscriber.
+        let wanted = topic.with(|state| !state.exact.is_empty()) == Some(true);
+        if wanted != *told {
+            backend.interest(&Subject::Topic(topic.name.clone()), wanted);
+            *told = wanted;
+        }
+    }
+
+    fn reconcile_pattern_interest(&self, backend: &dyn Backend, pattern: &Arc<str>) {
+        let mut told = self.pattern_interest.lock();
+        let wanted = self.patterns.contains(pattern);
+        if wanted != told.contains(pattern) {
+            backend.interest(&Subject::Pattern(pattern.clone()), wanted);
+            if wanted {
+                told.insert(pattern.clone());
+            } else {
+                told.remove(pattern);
+            }
+        }
+    }
+
+    /// How many connections on this node a publication on `topic` would reach now.
+    pub(crate) fn receivers(&self, topic: &str) -> usize {
+        self.topics
+            .with(
+                topic,
+                || false,
+                |_, state| state.receivers(topic, &self.patterns),
+            )
+            .unwrap_or_else(|| {
+                if self.patterns.len() == 0 {
+                    return 0;
+                }
+                one_route_per_connection(self.patterns.matching(topic).1).len()
+            })
+    }
+
+    pub(crate) fn stats(&self) -> HubStats {
+        HubStats {
+            topics: self.topics_with_subscribers.load(Ordering::Relaxed),
+            patterns: self.patterns.len(),
+        }
+    }
+
+    /// Forgets topic entries that have no exact subscriber and saw nothing for the topic ttl.
+    pub(crate) fn sweep(&self, now: Instant) {
+        self.topics.remove_idle(|topic, state| {
+            state.exact.is_empty()
+                && now.saturating_duration_since(state.last_active) >= self.topic_ttl
+                // Never while the backend may still be told this node wants the topic.
+                && topic.extra.0.try_lock().is_some_and(|told| !*told)
+        });
+    }
+}
+
+impl DeliverySink for Hub {
+    fn deliver(&self, publication: &Arc<Publication>) -> usize {
+        let name = &publication.topic;
+        let ns = self.metrics.namespace(name);
+        // A topic without an entry has no exact subscriber; with no pattern either, there is
+        // no one to deliver to.
+        let receivers = self
+            .topics
+            .with(
+                name,
+                || self.patterns.len() > 0,
+                |_, state| {
+                    state.last_active = publication.published_at;
+                    state.deliver(name, publication, ns, &self.patterns)
+                },
+            )
+            .unwrap_or(0);
+        self.metrics
+            .delivered(ns, receivers, publication.published_at.elapsed());
+        receivers
+    }
+}

@@ -1,0 +1,312 @@
+//! The vocabulary every layer shares, free of any wire format and of any storage: who a
+//! connection is, where a publication stands in its topic's stream, how a subscription wants its
+//! messages, and the publication itself as it travels from a backend to this node's subscribers.
+//!
+//! The wire protocol (`frame`), the backends and the hub all speak in these terms; none of them
+//! owns them.
+
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::data::Data;
+
+/// A connection's identity, unique within this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct ConnectionId(pub u64);
+
+impl fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// A wire encoding, chosen per connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Encoding {
+    Json,
+    Msgpack,
+}
+
+impl Encoding {
+    pub(crate) const ALL: [Encoding; 2] = [Encoding::Json, Encoding::Msgpack];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Encoding::Json => "json",
+            Encoding::Msgpack => "msgpack",
+        }
+    }
+
+    pub(crate) fn from_name(s: &str) -> Option<Encoding> {
+        Encoding::ALL.into_iter().find(|e| e.name() == s)
+    }
+}
+
+/// Where a publish came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    Ws,
+    Http,
+}
+
+/// Why a request was refused, as the `code` of an `error` frame or of an HTTP error body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ErrorCode {
+    BadFrame,
+    UnknownOp,
+    InvalidTopic,
+    PayloadTooLarge,
+    TooManySubscriptions,
+}
+
+impl ErrorCode {
+    /// In declaration order, so that `code as usize` indexes it.
+    pub(crate) const ALL: [ErrorCode; 5] = [
+        ErrorCode::BadFrame,
+        ErrorCode::UnknownOp,
+        ErrorCode::InvalidTopic,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::TooManySubscriptions,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::InvalidTopic => "invalid_topic",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+        }
+    }
+}
+
+/// A point in a topic's stream: its epoch (a new one whenever the topic starts afresh, so that
+/// seqs from an earlier life are never mistaken for this one's) and a seq within it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StreamPosition {
+    pub epoch: Arc<str>,
+    pub seq: u64,
+}
+
+/// How a subscription's messages are queued for its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DeliveryMode {
+    /// Every message, subject to the connection's slow-consumer policy.
+    All,
+    /// The freshest message of each topic: a newer message replaces one still queued, and with
+    /// `min_interval` at most one frame per interval per topic goes out (the last always does).
+    Latest { min_interval: Option<Duration> },
+}
+
+/// Messages from history to deliver before live ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Replay {
+    None,
+    /// Everything after `seq` of the stream `epoch` (recovery after a reconnect).
+    Since {
+        epoch: String,
+        seq: u64,
+    },
+    /// The last N messages (of every matching topic, for a pattern).
+    Rewind(usize),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SubscribeOptions {
+    pub mode: DeliveryMode,
+    pub replay: Replay,
+}
+
+impl Default for SubscribeOptions {
+    fn default() -> Self {
+        SubscribeOptions {
+            mode: DeliveryMode::All,
+            replay: Replay::None,
+        }
+    }
+}
+
+/// What a subscribe's acknowledgement reports (exact topics only; patterns span many streams).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Subscribed {
+    /// The topic's stream and its latest seq (0 before the first message).
+    pub stream: Option<StreamPosition>,
+    /// For `since`: whether every message after it was replayed.
+    pub recovered: Option<bool>,
+}
+
+/// One published message on its way to subscribers and, while retained, in history.
+///
+/// The wire frames a subscriber needs are made from it at most once per encoding, by whoever
+/// first needs them, and shared by every subscriber of that encoding (and by every replay of a
+/// retained message). A retained message's frames count in its history's byte total: the history
+/// gives it a meter when it enters, and a frame made later adds to that meter.
+pub(crate) struct Publication {
+    pub topic: Arc<str>,
+    /// The stream the seq belongs to.
+    pub epoch: Arc<str>,
+    pub seq: u64,
+    pub data: Data,
+    /// When this node accepted (or received) it.
+    pub published_at: Instant,
+    frames: [OnceLock<Bytes>; 2],
+    meter: OnceLock<Arc<AtomicUsize>>,
+    /// Bytes counted on the meter while the message is retained; 0 otherwise.
+    counted: AtomicUsize,
+}
+
+impl Publication {
+    pub(crate) fn new(
+        topic: Arc<str>,
+        position: &StreamPosition,
+        data: Data,
+        published_at: Instant,
+    ) -> Self {
+        Publication {
+            topic,
+            epoch: position.epoch.clone(),
+            seq: position.seq,
+            data,
+            published_at,
+            frames: Default::default(),
+            meter: OnceLock::new(),
+            counted: AtomicUsize::new(0),
+        }
+    }
+
+    /// Whether this publication is at or before `position` in the same stream.
+    pub(crate) fn is_at_or_before(&self, position: &StreamPosition) -> bool {
+        self.seq <= position.seq && *self.epoch == *position.epoch
+    }
+
+    /// The frame for `encoding`, made by `encode` if no one has made it yet.
+    #[inline]
+    pub(crate) fn frame(
+        &self,
+        encoding: Encoding,
+        encode: impl FnOnce(&Publication) -> Bytes,
+    ) -> Bytes {
+        let slot = &self.frames[encoding as usize];
+        if let Some(frame) = slot.get() {
+            return frame.clone();
+        }
+        let mut made = false;
+        let frame = slot
+            .get_or_init(|| {
+                made = true;
+                encode(self)
+            })
+            .clone();
+        if made {
+            self.count_more(frame.len());
+        }
+        frame
+    }
+
+    /// Adds a frame made while the message is retained to its history's meter. The meter goes up
+    /// before the message's own count and comes back down if the message left history meanwhile,
+    /// so the meter never shows less than what is retained.
+    fn count_more(&self, len: usize) {
+        let Some(meter) = self.meter.get() else {
+            return;
+        };
+        meter.fetch_add(len, Ordering::Relaxed);
+        let counted = self
+            .counted
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                (c > 0).then_some(c + len)
+            });
+        if counted.is_err() {
+            meter.fetch_sub(len, Ordering::Relaxed);
+        }
+    }
+
+    /// Marks the message retained: counts its data, topic, the frames made so far and `overhead`
+    /// (bookkeeping) on `meter`; returns what it added.
+    pub(crate) fn enter_history(&self, overhead: usize, meter: &Arc<AtomicUsize>) -> usize {
+        let _ = self.meter.set(meter.clone());
+        let frames: usize = self
+            .frames
+            .iter()
+            .filter_map(|f| f.get())
+            .map(Bytes::len)
+            .sum();
+        let counted = overhead + self.topic.len() + self.data.len() + frames;
+        meter.fetch_add(counted, Ordering::Relaxed);
+        self.counted.store(counted, Ordering::Relaxed);
+        counted
+    }
+
+    /// Marks the message no longer retained and takes what it counted off its meter.
+    pub(crate) fn leave_history(&self) {
+        let counted = self.counted.swap(0, Ordering::Relaxed);
+        if let Some(meter) = self.meter.get() {
+            meter.fetch_sub(counted, Ordering::Relaxed);
+        }
+    }
+}
+
+impl fmt::Debug for Publication {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Publication")
+            .field("topic", &self.topic)
+            .field("seq", &self.seq)
+            .field("data", &self.data)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publication() -> Publication {
+        let data = Data::from_json(Bytes::from_static(b"[1,2]")).unwrap();
+        let position = StreamPosition {
+            epoch: "e".into(),
+            seq: 1,
+        };
+        Publication::new("t".into(), &position, data, Instant::now())
+    }
+
+    #[test]
+    fn frames_are_made_once_per_encoding() {
+        let p = publication();
+        let mut made = 0;
+        for _ in 0..3 {
+            let frame = p.frame(Encoding::Json, |_| {
+                made += 1;
+                Bytes::from_static(b"json")
+            });
+            assert_eq!(frame, "json");
+        }
+        p.frame(Encoding::Msgpack, |_| {
+            made += 1;
+            Bytes::from_static(b"mp")
+        });
+        assert_eq!(made, 2);
+    }
+
+    #[test]
+    fn a_retained_message_counts_its_frames_until_it_leaves() {
+        let meter = Arc::new(AtomicUsize::new(0));
+        let p = publication();
+        p.frame(Encoding::Json, |_| Bytes::from_static(b"0123456789"));
+        let counted = p.enter_history(100, &meter);
+        assert_eq!(counted, 100 + 1 + 5 + 10);
+        p.frame(Encoding::Msgpack, |_| Bytes::from_static(b"01234"));
+        assert_eq!(meter.load(Ordering::Relaxed), counted + 5);
+        p.leave_history();
+        assert_eq!(meter.load(Ordering::Relaxed), 0);
+        // A frame made after it left is not counted.
+        let q = publication();
+        q.enter_history(0, &meter);
+        q.leave_history();
+        q.frame(Encoding::Json, |_| Bytes::from_static(b"late"));
+        assert_eq!(meter.load(Ordering::Relaxed), 0);
+    }
+}
