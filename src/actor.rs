@@ -21,8 +21,6 @@ use crate::model::{Source, SubscribeOptions, Subscribed};
 pub(crate) struct ConnectionActor {
     broker: Arc<Broker>,
     conn: Arc<Connection>,
-    /// Subscriptions asked for in the upgrade request (`?subscribe=`), made once started.
-    initial: Vec<String>,
     last_seen: Instant,
     last_ping: Instant,
     /// Set once the connection is being closed because of what the client sent.
@@ -31,16 +29,25 @@ pub(crate) struct ConnectionActor {
 }
 
 impl ConnectionActor {
-    pub(crate) fn new(broker: Arc<Broker>, conn: Arc<Connection>, initial: Vec<String>) -> Self {
+    pub(crate) fn new(broker: Arc<Broker>, conn: Arc<Connection>) -> Self {
         let now = Instant::now();
         ConnectionActor {
             broker,
             conn,
-            initial,
             last_seen: now,
             last_ping: now,
             failed: false,
             reader: None,
+        }
+    }
+
+    /// Makes the subscriptions asked for in the upgrade request (`?subscribe=`, already checked
+    /// by the broker), before the client can see its `welcome` and act on it.
+    pub(crate) fn subscribe_on_connect(&self, topics: &[String]) {
+        for topic in topics {
+            if let Err(refusal) = self.subscribe(topic, &SubscribeOptions::default(), None) {
+                self.reply_error(&FrameError::new(None, refusal.code, refusal.message));
+            }
         }
     }
 
@@ -199,12 +206,6 @@ impl Actor for ConnectionActor {
             config.write_timeout,
         );
         ctx.run_interval(period, |actor, ctx| actor.heartbeat(ctx));
-        for topic in std::mem::take(&mut self.initial) {
-            // Checked by the broker before the upgrade was accepted.
-            if let Err(refusal) = self.subscribe(&topic, &SubscribeOptions::default(), None) {
-                self.reply_error(&FrameError::new(None, refusal.code, refusal.message));
-            }
-        }
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {

@@ -145,7 +145,10 @@ pub(crate) async fn upgrade(
         .max_frame_size(limit)
         .aggregate_continuations()
         .max_continuation_size(limit);
-    ConnectionActor::new(broker.into_inner(), conn.clone(), initial).start_with(messages);
+    let actor = ConnectionActor::new(broker.into_inner(), conn.clone());
+    // The response, and so `welcome`, goes out only after this returns.
+    actor.subscribe_on_connect(&initial);
+    actor.start_with(messages);
 
     let (head, ws_body) = response.into_parts();
     Ok(head.set_body(OutboundBody::new(conn, ws_body)))

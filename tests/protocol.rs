@@ -392,6 +392,19 @@ async fn subscribe_on_connect_needs_no_protocol_code() {
     );
     let info = server.connection(&c.id).await.unwrap();
     assert_eq!(info["subscriptions"], 2);
+
+    // The subscriptions are in place by the time `welcome` arrives, every time.
+    for i in 0..20 {
+        let topic = format!("fresh.{i}");
+        let mut c =
+            Client::connect_with(&server, Enc::Msgpack, &format!("?subscribe={topic}")).await;
+        assert_eq!(
+            server.publish(&topic, &json!(i)).await["receivers"],
+            1,
+            "{topic}"
+        );
+        assert_eq!(c.recv().await["data"], i);
+    }
 }
 
 #[tokio::test]
@@ -490,14 +503,7 @@ async fn batching_connections_get_several_frames_per_message() {
         let items: Vec<serde_json::Value> = (0..50)
             .map(|i| json!({"topic": "feed", "data": {"i": i, "text": "line\nbreak"}}))
             .collect();
-        let response = server
-            .http
-            .post(server.url("/api/publish"))
-            .json(&items)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
+        server.publish_batch(&items).await;
 
         let mut received = Vec::new();
         let mut messages = 0;
