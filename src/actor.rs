@@ -14,7 +14,7 @@ use actix_ws::{AggregatedMessage, ProtocolError};
 
 use crate::broker::{Broker, Refusal};
 use crate::connection::Connection;
-use crate::frame::{self, CloseCode, FrameError, FrameId, Op, Request, ServerFrame};
+use crate::frame::{self, CloseCode, FrameError, FrameId, NamedTopic, Op, Request, ServerFrame};
 use crate::model::{Source, SubscribeOptions, Subscribed};
 
 /// The actor behind one connection.
@@ -77,6 +77,19 @@ impl ConnectionActor {
         });
     }
 
+    /// What to answer a malformed frame with: a bad topic it names comes first.
+    fn first_fault(&self, err: FrameError) -> FrameError {
+        let checked = match &err.topic {
+            Some(NamedTopic::Publish(topic)) => self.broker.check_topic(topic),
+            Some(NamedTopic::Subscribe(topic)) => self.broker.check_subject(topic),
+            None => Ok(()),
+        };
+        match checked {
+            Ok(()) => err,
+            Err(refusal) => FrameError::new(err.id, refusal.code, refusal.message),
+        }
+    }
+
     fn ack(&self, id: Option<&FrameId>, seq: Option<u64>) {
         if let Some(id) = id {
             self.reply(&ServerFrame::Ack {
@@ -91,7 +104,7 @@ impl ConnectionActor {
     fn handle_request(&mut self, request: Result<Request, FrameError>) {
         let request = match request {
             Ok(request) => request,
-            Err(err) => return self.reply_error(&err),
+            Err(err) => return self.reply_error(&self.first_fault(err)),
         };
         let id = request.id;
         let refused = |refusal: Refusal| FrameError::new(id.clone(), refusal.code, refusal.message);

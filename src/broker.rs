@@ -69,7 +69,7 @@ pub(crate) struct TopicInfo {
 
 /// Counts for `/metrics`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct EngineStats {
+pub(crate) struct NodeStats {
     pub topics_with_subscribers: usize,
     pub patterns: usize,
     pub history_messages: usize,
@@ -98,7 +98,7 @@ impl Broker {
             config.max_buffered_bytes,
         )));
         Arc::new_cyclic(|broker: &std::sync::Weak<Broker>| {
-            let stat = |read: fn(EngineStats) -> usize| {
+            let stat = |read: fn(NodeStats) -> usize| {
                 let broker = broker.clone();
                 move || broker.upgrade().map_or(0.0, |b| read(b.stats()) as f64)
             };
@@ -163,6 +163,11 @@ impl Broker {
             ));
         }
         Ok(())
+    }
+
+    /// Refuses what cannot be subscribed to (topics and patterns).
+    pub(crate) fn check_subject(&self, topic: &str) -> Result<(), Refusal> {
+        self.subject(topic).map(|_| ())
     }
 
     fn subject(&self, topic: &str) -> Result<Subject, Refusal> {
@@ -296,7 +301,7 @@ impl Broker {
     pub(crate) fn topics(&self) -> Vec<TopicInfo> {
         let mut topics: Vec<TopicInfo> = self
             .backend
-            .streams()
+            .streams(&|_| true)
             .into_iter()
             .filter_map(|stream| {
                 let subscribers = self.hub.receivers(&stream.name);
@@ -313,10 +318,10 @@ impl Broker {
         topics
     }
 
-    pub(crate) fn stats(&self) -> EngineStats {
+    pub(crate) fn stats(&self) -> NodeStats {
         let hub = self.hub.stats();
         let backend = self.backend.stats();
-        EngineStats {
+        NodeStats {
             topics_with_subscribers: hub.topics,
             patterns: hub.patterns,
             history_messages: backend.history_messages,

@@ -150,6 +150,18 @@ pub(crate) struct FrameError {
     pub id: Option<FrameId>,
     pub code: ErrorCode,
     pub message: String,
+    /// The topic the frame names, when it has one. A bad topic is the first thing wrong with a
+    /// frame, so whoever answers checks it before reporting this error.
+    pub topic: Option<NamedTopic>,
+}
+
+/// A topic a malformed frame names, and what it was to be used for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum NamedTopic {
+    /// Published to: a topic, no wildcards.
+    Publish(String),
+    /// Subscribed to: a topic or a pattern.
+    Subscribe(String),
 }
 
 impl FrameError {
@@ -158,7 +170,13 @@ impl FrameError {
             id,
             code,
             message: message.into(),
+            topic: None,
         }
+    }
+
+    fn naming(mut self, topic: NamedTopic) -> Self {
+        self.topic = Some(topic);
+        self
     }
 }
 
@@ -279,8 +297,8 @@ fn validate(raw: RawFrame<Data>) -> Result<Request, FrameError> {
     let op = match op.as_str() {
         "subscribe" => {
             let topic = needs_topic(topic)?;
-            let options =
-                subscribe_options(raw.since, raw.rewind, raw.mode, raw.max_rate).map_err(bad)?;
+            let options = subscribe_options(raw.since, raw.rewind, raw.mode, raw.max_rate)
+                .map_err(|e| bad(e).naming(NamedTopic::Subscribe(topic.clone())))?;
             Op::Subscribe { topic, options }
         }
         "unsubscribe" => Op::Unsubscribe {
@@ -288,7 +306,9 @@ fn validate(raw: RawFrame<Data>) -> Result<Request, FrameError> {
         },
         "publish" => {
             let topic = needs_topic(topic)?;
-            let data = data.ok_or_else(|| bad("publish needs data".into()))?;
+            let data = data.ok_or_else(|| {
+                bad("publish needs data".into()).naming(NamedTopic::Publish(topic.clone()))
+            })?;
             Op::Publish { topic, data }
         }
         "ping" => Op::Ping,
@@ -742,6 +762,11 @@ mod tests {
         }
         let err = parse_msgpack(&[0x93, 1, 2, 3]).unwrap_err();
         assert_eq!(err.code, ErrorCode::BadFrame);
+        // Errors in frames that name a topic carry it, for the topic to be checked first.
+        let err = parse_json(r#"{"op":"subscribe","topic":"a..b","mode":"soon"}"#).unwrap_err();
+        assert_eq!(err.topic, Some(NamedTopic::Subscribe("a..b".into())));
+        let err = parse_json(r#"{"op":"publish","topic":"a.*"}"#).unwrap_err();
+        assert_eq!(err.topic, Some(NamedTopic::Publish("a.*".into())));
     }
 
     #[test]

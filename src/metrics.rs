@@ -2,7 +2,7 @@
 //!
 //! Events (publishes, deliveries, drops, closes, errors) are counted here as they happen, once
 //! per publish rather than once per subscriber where possible. Figures that belong to connections
-//! or to the engine are computed when Prometheus scrapes, by collectors their owners register
+//! or to the hub and backend are computed when Prometheus scrapes, by collectors their owners register
 //! (`crate::connections`, `crate::broker`): a scrape takes no lock that publishing needs, and
 //! the hot path never touches a counter shared with other threads per frame.
 //!

@@ -1,9 +1,10 @@
-//! The vocabulary every layer shares, free of any wire format and of any storage: who a
-//! connection is, where a publication stands in its topic's stream, how a subscription wants its
-//! messages, and the publication itself as it travels from a backend to this node's subscribers.
+//! The vocabulary every layer shares: who a connection is and which encoding it speaks, why a
+//! request is refused, where a publication stands in its topic's stream, how a subscription wants
+//! its messages, and the publication itself as it travels from a backend to this node's
+//! subscribers (with the frames made from it, as opaque bytes).
 //!
 //! The wire protocol (`frame`), the backends and the hub all speak in these terms; none of them
-//! owns them.
+//! owns them, and nothing here knows how a frame is laid out or where a stream is stored.
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -143,8 +144,11 @@ pub(crate) struct Subscribed {
 ///
 /// The wire frames a subscriber needs are made from it at most once per encoding, by whoever
 /// first needs them, and shared by every subscriber of that encoding (and by every replay of a
-/// retained message). A retained message's frames count in its history's byte total: the history
-/// gives it a meter when it enters, and a frame made later adds to that meter.
+/// retained message). A retained message's frames count in its history's byte total: those made
+/// before it entered history when it enters, those made for a replay by the replay. (A frame made
+/// by another thread in the instant between a publication's delivery and its entering history,
+/// which only a subscription releasing what it held can do, is not counted: at most one frame
+/// per such publication.)
 pub(crate) struct Publication {
     pub topic: Arc<str>,
     /// The stream the seq belongs to.
@@ -154,8 +158,7 @@ pub(crate) struct Publication {
     /// When this node accepted (or received) it.
     pub published_at: Instant,
     frames: [OnceLock<Bytes>; 2],
-    meter: OnceLock<Arc<AtomicUsize>>,
-    /// Bytes counted on the meter while the message is retained; 0 otherwise.
+    /// Bytes counted in its history's total while the message is retained; 0 otherwise.
     counted: AtomicUsize,
 }
 
@@ -173,7 +176,6 @@ impl Publication {
             data,
             published_at,
             frames: Default::default(),
-            meter: OnceLock::new(),
             counted: AtomicUsize::new(0),
         }
     }
@@ -190,9 +192,42 @@ impl Publication {
         encoding: Encoding,
         encode: impl FnOnce(&Publication) -> Bytes,
     ) -> Bytes {
+        self.frame_made(encoding, encode).0
+    }
+
+    /// The frame for a replay from history: one made now counts on `meter`, the history's byte
+    /// total, for as long as the message stays retained.
+    pub(crate) fn replay_frame(
+        &self,
+        encoding: Encoding,
+        encode: impl FnOnce(&Publication) -> Bytes,
+        meter: Option<&AtomicUsize>,
+    ) -> Bytes {
+        let (frame, made) = self.frame_made(encoding, encode);
+        if let Some(meter) = meter.filter(|_| made) {
+            // The meter goes up before the message's own count and back down if the message left
+            // history meanwhile, so it never shows less than what is retained.
+            meter.fetch_add(frame.len(), Ordering::Relaxed);
+            let counted = self
+                .counted
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                    (c > 0).then_some(c + frame.len())
+                });
+            if counted.is_err() {
+                meter.fetch_sub(frame.len(), Ordering::Relaxed);
+            }
+        }
+        frame
+    }
+
+    fn frame_made(
+        &self,
+        encoding: Encoding,
+        encode: impl FnOnce(&Publication) -> Bytes,
+    ) -> (Bytes, bool) {
         let slot = &self.frames[encoding as usize];
         if let Some(frame) = slot.get() {
-            return frame.clone();
+            return (frame.clone(), false);
         }
         let mut made = false;
         let frame = slot
@@ -201,34 +236,12 @@ impl Publication {
                 encode(self)
             })
             .clone();
-        if made {
-            self.count_more(frame.len());
-        }
-        frame
+        (frame, made)
     }
 
-    /// Adds a frame made while the message is retained to its history's meter. The meter goes up
-    /// before the message's own count and comes back down if the message left history meanwhile,
-    /// so the meter never shows less than what is retained.
-    fn count_more(&self, len: usize) {
-        let Some(meter) = self.meter.get() else {
-            return;
-        };
-        meter.fetch_add(len, Ordering::Relaxed);
-        let counted = self
-            .counted
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
-                (c > 0).then_some(c + len)
-            });
-        if counted.is_err() {
-            meter.fetch_sub(len, Ordering::Relaxed);
-        }
-    }
-
-    /// Marks the message retained: counts its data, topic, the frames made so far and `overhead`
-    /// (bookkeeping) on `meter`; returns what it added.
-    pub(crate) fn enter_history(&self, overhead: usize, meter: &Arc<AtomicUsize>) -> usize {
-        let _ = self.meter.set(meter.clone());
+    /// Marks the message retained; returns the bytes it counts for in its history's total (data,
+    /// topic, the frames made so far and `overhead` for bookkeeping).
+    pub(crate) fn enter_history(&self, overhead: usize) -> usize {
         let frames: usize = self
             .frames
             .iter()
@@ -236,17 +249,13 @@ impl Publication {
             .map(Bytes::len)
             .sum();
         let counted = overhead + self.topic.len() + self.data.len() + frames;
-        meter.fetch_add(counted, Ordering::Relaxed);
         self.counted.store(counted, Ordering::Relaxed);
         counted
     }
 
-    /// Marks the message no longer retained and takes what it counted off its meter.
-    pub(crate) fn leave_history(&self) {
-        let counted = self.counted.swap(0, Ordering::Relaxed);
-        if let Some(meter) = self.meter.get() {
-            meter.fetch_sub(counted, Ordering::Relaxed);
-        }
+    /// Marks the message no longer retained; returns the bytes it counted for.
+    pub(crate) fn leave_history(&self) -> usize {
+        self.counted.swap(0, Ordering::Relaxed)
     }
 }
 
@@ -293,20 +302,35 @@ mod tests {
 
     #[test]
     fn a_retained_message_counts_its_frames_until_it_leaves() {
-        let meter = Arc::new(AtomicUsize::new(0));
+        let meter = AtomicUsize::new(0);
         let p = publication();
         p.frame(Encoding::Json, |_| Bytes::from_static(b"0123456789"));
-        let counted = p.enter_history(100, &meter);
+        let counted = p.enter_history(100);
         assert_eq!(counted, 100 + 1 + 5 + 10);
-        p.frame(Encoding::Msgpack, |_| Bytes::from_static(b"01234"));
+        meter.fetch_add(counted, Ordering::Relaxed);
+        p.replay_frame(
+            Encoding::Msgpack,
+            |_| Bytes::from_static(b"01234"),
+            Some(&meter),
+        );
         assert_eq!(meter.load(Ordering::Relaxed), counted + 5);
-        p.leave_history();
+        p.replay_frame(
+            Encoding::Msgpack,
+            |_| Bytes::from_static(b"again"),
+            Some(&meter),
+        );
+        assert_eq!(meter.load(Ordering::Relaxed), counted + 5, "made once");
+        meter.fetch_sub(p.leave_history(), Ordering::Relaxed);
         assert_eq!(meter.load(Ordering::Relaxed), 0);
         // A frame made after it left is not counted.
         let q = publication();
-        q.enter_history(0, &meter);
+        q.enter_history(0);
         q.leave_history();
-        q.frame(Encoding::Json, |_| Bytes::from_static(b"late"));
+        q.replay_frame(
+            Encoding::Json,
+            |_| Bytes::from_static(b"late"),
+            Some(&meter),
+        );
         assert_eq!(meter.load(Ordering::Relaxed), 0);
     }
 }

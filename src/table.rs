@@ -8,12 +8,12 @@
 
 use std::sync::Arc;
 
+use ahash::RandomState;
 use dashmap::DashMap;
-use foldhash::fast::RandomState;
 use parking_lot::Mutex;
 
 pub(crate) struct TopicTable<S, X = ()> {
-    // Topic names come from clients: the hasher is seeded per process.
+    // Topic names come from clients: the hasher is keyed per map, at random.
     map: DashMap<Arc<str>, Arc<TopicEntry<S, X>>, RandomState>,
 }
 

@@ -65,9 +65,110 @@ fn without_tests(text: &str) -> String {
     let cut = text.find("#[cfg(test)]\nmod tests").unwrap_or(text.len());
     text[..cut]
         .lines()
-        .map(|line| line.split_once("//").map_or(line, |(code, _)| code))
+        .map(without_comment)
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// A line up to a `//` that is not inside a string literal.
+fn without_comment(line: &str) -> &str {
+    let bytes = line.as_bytes();
+    let (mut in_string, mut escaped) = (false, false);
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if in_string => escaped = true,
+            b'"' => in_string = !in_string,
+            b'/' if !in_string && bytes.get(i + 1) == Some(&b'/') => return &line[..i],
+            _ => {}
+        }
+    }
+    line
+}
+
+/// Every path that starts at `crate`, `super` or `self` in `code`, with `use` groups
+/// (`crate::{a, b::{c, D}}`) spelled out: `["crate", "a"]`, `["crate", "b", "c"]`, ...
+fn rooted_paths(code: &str) -> Vec<Vec<String>> {
+    let chars: Vec<char> = code.chars().collect();
+    let mut paths = Vec::new();
+    let is_ident = |c: char| c.is_alphanumeric() || c == '_';
+    let mut i = 0;
+    while i < chars.len() {
+        let starts_word = i == 0 || !(is_ident(chars[i - 1]) || chars[i - 1] == ':');
+        if starts_word && is_ident(chars[i]) {
+            let start = i;
+            while i < chars.len() && is_ident(chars[i]) {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            if matches!(word.as_str(), "crate" | "super" | "self") {
+                let mut pos = i;
+                tree(&chars, &mut pos, vec![word], &mut paths);
+                i = pos;
+            }
+        } else {
+            i += 1;
+        }
+    }
+    paths
+}
+
+/// Reads `::segment::...` or `::{a, b}` after `prefix` from `chars[*pos..]`.
+fn tree(chars: &[char], pos: &mut usize, prefix: Vec<String>, out: &mut Vec<Vec<String>>) {
+    let is_ident = |c: char| c.is_alphanumeric() || c == '_';
+    let skip_space = |pos: &mut usize| {
+        while *pos < chars.len() && chars[*pos].is_whitespace() {
+            *pos += 1;
+        }
+    };
+    let mut path = prefix;
+    loop {
+        skip_space(pos);
+        if chars.get(*pos) != Some(&':') || chars.get(*pos + 1) != Some(&':') {
+            out.push(path);
+            return;
+        }
+        *pos += 2;
+        skip_space(pos);
+        match chars.get(*pos) {
+            Some('{') => {
+                *pos += 1;
+                loop {
+                    skip_space(pos);
+                    match chars.get(*pos) {
+                        Some('}') => {
+                            *pos += 1;
+                            return;
+                        }
+                        Some(',') => *pos += 1,
+                        Some(c) if is_ident(*c) => {
+                            let start = *pos;
+                            while *pos < chars.len() && is_ident(chars[*pos]) {
+                                *pos += 1;
+                            }
+                            let mut inner = path.clone();
+                            inner.push(chars[start..*pos].iter().collect());
+                            tree(chars, pos, inner, out);
+                        }
+                        // `*`, `as name`, or the end of the text.
+                        Some(_) => *pos += 1,
+                        None => return,
+                    }
+                }
+            }
+            Some(c) if is_ident(*c) => {
+                let start = *pos;
+                while *pos < chars.len() && is_ident(chars[*pos]) {
+                    *pos += 1;
+                }
+                path.push(chars[start..*pos].iter().collect());
+            }
+            _ => {
+                out.push(path);
+                return;
+            }
+        }
+    }
 }
 
 /// `foo` for a line `mod foo;` or `pub(crate) mod foo;`.
@@ -88,49 +189,73 @@ fn child_path(parent: &str, child: &str) -> String {
     }
 }
 
-fn parent_of(module: &str) -> &str {
-    module
-        .rsplit_once("::")
-        .map_or("crate", |(parent, _)| parent)
-}
-
 /// The modules `module`'s code refers to.
 fn imports(module: &str, text: &str, known: &BTreeSet<String>) -> BTreeSet<String> {
     // The longest known module at the start of a path.
-    let resolve = |segments: &[&str]| -> Option<String> {
+    let resolve = |segments: &[String]| -> Option<String> {
         (1..=segments.len())
             .rev()
             .map(|n| segments[..n].join("::"))
             .find(|candidate| known.contains(candidate))
     };
+    let own: Vec<String> = if module == "crate" {
+        Vec::new()
+    } else {
+        module.split("::").map(str::to_owned).collect()
+    };
     let children: BTreeSet<String> = text.lines().filter_map(declared_module).collect();
+    let mut paths: Vec<Vec<String>> = rooted_paths(text);
+    // A path may also start at a child module: `patterns::PatternIndex` in `hub`.
+    for word in text.split(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':')) {
+        if let Some((first, _)) = word.split_once("::")
+            && children.contains(first)
+        {
+            paths.push(vec!["self".to_owned(), first.to_owned()]);
+        }
+    }
     let mut found = BTreeSet::new();
-    let words: Vec<&str> = text
-        .split(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
-        .filter(|w| w.contains("::"))
-        .collect();
-    for word in words {
-        let segments: Vec<&str> = word.split("::").filter(|s| !s.is_empty()).collect();
-        let target = match segments.as_slice() {
-            ["crate", rest @ ..] => resolve(rest),
-            ["super", rest @ ..] => {
-                let parent = parent_of(module);
-                let mut path: Vec<&str> = if parent == "crate" {
-                    Vec::new()
-                } else {
-                    parent.split("::").collect()
-                };
-                path.extend_from_slice(rest);
-                resolve(&path).or_else(|| (parent != "crate").then(|| parent.to_owned()))
+    for path in paths {
+        // Make it absolute (without the leading `crate`).
+        let mut absolute = own.clone();
+        let mut rest = path.as_slice();
+        match rest.first().map(String::as_str) {
+            Some("crate") => {
+                absolute.clear();
+                rest = &rest[1..];
             }
-            [first, ..] if children.contains(*first) => Some(child_path(module, first)),
-            _ => None,
-        };
+            Some("self") => rest = &rest[1..],
+            _ => {}
+        }
+        while rest.first().map(String::as_str) == Some("super") {
+            absolute.pop();
+            rest = &rest[1..];
+        }
+        let parent_only = absolute.clone();
+        absolute.extend(rest.iter().cloned());
+        let target = resolve(&absolute).or_else(|| {
+            // `super::Item`: the parent module itself.
+            (!parent_only.is_empty()).then(|| parent_only.join("::"))
+        });
         if let Some(target) = target.filter(|t| t != module) {
             found.insert(target);
         }
     }
     found
+}
+
+#[test]
+fn the_parser_sees_every_form_of_path() {
+    let known: BTreeSet<String> = ["a", "b", "b::c", "b::c::g", "d", "e", "f", "h"]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let code = without_tests(
+        "use crate::{a::X, b::{c::Y, Z}};\nuse super::super::d::W; // crate::e in a comment\n\
+         let url = \"ws://x\"; crate::f::go();\nmod g;\nfn k() { g::run(); self::g::x() }\n\
+         #[cfg(test)]\nmod tests { use crate::h; }\n",
+    );
+    let got: Vec<String> = imports("b::c", &code, &known).into_iter().collect();
+    assert_eq!(got, ["a", "b", "b::c::g", "d", "f"]);
 }
 
 #[test]

@@ -252,6 +252,22 @@ async fn every_error_code_and_the_connection_stays_open() {
         json!(null),
     )
     .await;
+    // A bad topic is reported before anything else wrong with the frame.
+    for (frame, code, id) in [
+        (
+            r#"{"op":"subscribe","topic":"a..b","mode":"soon","id":5}"#,
+            "invalid_topic",
+            5,
+        ),
+        (
+            r#"{"op":"publish","topic":"a.*","id":6}"#,
+            "invalid_topic",
+            6,
+        ),
+        (r#"{"op":"publish","topic":"a","id":7}"#, "bad_frame", 7),
+    ] {
+        expect_error(&mut c, text(frame), code, json!(id)).await;
+    }
     let big = format!(
         r#"{{"op":"publish","topic":"a","data":"{}","id":4}}"#,
         "x".repeat(2000)

@@ -244,6 +244,7 @@ impl Backend for DelayedBackend {
                 position: stream.position.clone(),
                 oldest: stream.history.front().map(|p| p.seq),
                 publications,
+                frame_meter: None,
             }
         };
         let hook = self.during_history.lock().take();
@@ -268,10 +269,11 @@ impl Backend for DelayedBackend {
         self.interest.lock().push((name, on));
     }
 
-    fn streams(&self) -> Vec<StreamInfo> {
+    fn streams(&self, matching: &dyn Fn(&str) -> bool) -> Vec<StreamInfo> {
         self.streams
             .lock()
             .iter()
+            .filter(|(name, _)| matching(name))
             .map(|(name, stream)| StreamInfo {
                 name: name.clone(),
                 position: stream.position.clone(),
@@ -488,6 +490,41 @@ mod tests {
         let mut expected = [on("m.a", [2, 3, 4]), on("m.b", [1, 2]), on("m.c", [1])].concat();
         expected.sort();
         assert_eq!(got, expected, "last two of each, then live, none twice");
+    }
+
+    #[test]
+    fn a_connection_that_already_receives_a_topic_loses_nothing_when_it_subscribes_again() {
+        let (broker, backend) = held_broker();
+        // Through a pattern, then exactly: what was in flight still arrives, once.
+        let a = conn();
+        subscribe(&broker, &a, "t.*", Replay::None);
+        publish(&broker, "t.x", 1);
+        publish(&broker, "t.x", 2);
+        let ack = subscribe(&broker, &a, "t.x", Replay::None);
+        assert_eq!(ack.stream.unwrap().seq, 2);
+        backend.release();
+        assert_eq!(received(&a), on("t.x", [1, 2]));
+
+        // Subscribed again with a rewind while 3 and 4, already in history, reach the hub during
+        // the history read: the stream goes on (3, 4), then the replay asked for (4), then live.
+        publish(&broker, "t.x", 3);
+        publish(&broker, "t.x", 4);
+        backend.during_next_history(|backend| backend.release());
+        subscribe(&broker, &a, "t.x", Replay::Rewind(1));
+        publish(&broker, "t.x", 5);
+        backend.release();
+        assert_eq!(received(&a), on("t.x", [3, 4, 4, 5]));
+
+        // Again, with 6 and 7 arriving only after the switch: they still arrive.
+        publish(&broker, "t.x", 6);
+        publish(&broker, "t.x", 7);
+        subscribe(&broker, &a, "t.x", Replay::Rewind(1));
+        backend.release();
+        assert_eq!(
+            received(&a),
+            on("t.x", [7, 6, 7]),
+            "the replay, then the stream"
+        );
     }
 
     #[test]

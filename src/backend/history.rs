@@ -41,7 +41,8 @@ pub(crate) struct HistoryIndex<T> {
     size: usize,
     ttl: Duration,
     max_bytes: usize,
-    /// The meter every retained message counts its bytes on (frames made later included).
+    /// Bytes retained (frames made for replays included): shared with the pages of history
+    /// read, whose replays count the frames they make.
     bytes: Arc<AtomicUsize>,
     messages: AtomicUsize,
     heads: Mutex<BinaryHeap<Reverse<Head<T>>>>,
@@ -106,7 +107,9 @@ impl TopicHistory {
         let Some(evicted) = self.entries.pop_front() else {
             return false;
         };
-        evicted.leave_history();
+        index
+            .bytes
+            .fetch_sub(evicted.leave_history(), Ordering::Relaxed);
         index.messages.fetch_sub(1, Ordering::Relaxed);
         index.metrics.history_evicted(reason);
         true
@@ -138,6 +141,11 @@ impl<T: HistoryOwner> HistoryIndex<T> {
         self.bytes.load(Ordering::Relaxed)
     }
 
+    /// What a replay of retained messages counts the frames it makes on.
+    pub(crate) fn meter(&self) -> Option<&Arc<AtomicUsize>> {
+        self.enabled().then_some(&self.bytes)
+    }
+
     pub(crate) fn messages(&self) -> usize {
         self.messages.load(Ordering::Relaxed)
     }
@@ -155,7 +163,8 @@ impl<T: HistoryOwner> HistoryIndex<T> {
             return;
         }
         self.expire(history, now);
-        publication.enter_history(ENTRY_OVERHEAD, &self.bytes);
+        let counted = publication.enter_history(ENTRY_OVERHEAD);
+        self.bytes.fetch_add(counted, Ordering::Relaxed);
         self.messages.fetch_add(1, Ordering::Relaxed);
         history.entries.push_back(publication);
         while history.entries.len() > self.size {

@@ -121,6 +121,7 @@ impl MemoryBackend {
             position: state.position(),
             oldest: state.history.oldest_seq(),
             publications,
+            frame_meter: self.history.meter().cloned(),
         }
     }
 }
@@ -173,10 +174,11 @@ impl Backend for MemoryBackend {
         }
     }
 
-    fn streams(&self) -> Vec<StreamInfo> {
+    fn streams(&self, matching: &dyn Fn(&str) -> bool) -> Vec<StreamInfo> {
         self.topics
             .entries()
             .iter()
+            .filter(|topic| matching(&topic.name))
             .filter_map(|topic| {
                 topic.with(|state| StreamInfo {
                     name: topic.name.clone(),
@@ -284,12 +286,16 @@ mod tests {
             .epoch;
         let later = Instant::now() + Duration::from_secs(3600);
         backend.sweep(later);
-        assert_eq!(backend.streams().len(), 1, "kept while interested");
+        assert_eq!(backend.streams(&|_| true).len(), 1, "kept while interested");
         backend.interest(&t, false);
         backend.sweep(Instant::now());
-        assert_eq!(backend.streams().len(), 1, "kept for the topic ttl");
+        assert_eq!(
+            backend.streams(&|_| true).len(),
+            1,
+            "kept for the topic ttl"
+        );
         backend.sweep(later);
-        assert!(backend.streams().is_empty());
+        assert!(backend.streams(&|_| true).is_empty());
         backend.interest(&t, true);
         let again = backend
             .history("t", HistoryQuery::Last(0))
@@ -299,6 +305,6 @@ mod tests {
         assert_ne!(epoch, again, "a new stream, a new epoch");
         // Patterns change nothing here: every publication reaches the sink anyway.
         backend.interest(&Subject::parse("a.*").unwrap(), true);
-        assert_eq!(backend.streams().len(), 1);
+        assert_eq!(backend.streams(&|_| true).len(), 1);
     }
 }

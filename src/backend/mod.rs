@@ -13,6 +13,7 @@ pub(crate) mod memory;
 pub(crate) mod delayed;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::Instant;
 
 use crate::data::Data;
@@ -22,7 +23,8 @@ use crate::topic::Subject;
 /// This node's side of the backend: where publications are delivered.
 pub(crate) trait DeliverySink: Send + Sync + 'static {
     /// Queues `publication` for this node's subscribers; returns how many connections it was
-    /// queued for. Publications of one topic arrive in seq order, from any thread.
+    /// queued for (or held for, by a subscription still replaying). Publications of one topic
+    /// arrive in seq order, from any thread.
     fn deliver(&self, publication: &Arc<Publication>) -> usize;
 }
 
@@ -51,6 +53,9 @@ pub(crate) struct HistoryPage {
     /// The oldest seq still retained, if any.
     pub oldest: Option<u64>,
     pub publications: Vec<Arc<Publication>>,
+    /// Where frames made to replay these publications count (a history's byte total), for a
+    /// backend that keeps them in this process.
+    pub frame_meter: Option<Arc<AtomicUsize>>,
 }
 
 impl HistoryPage {
@@ -79,6 +84,13 @@ pub(crate) struct BackendStats {
     pub history_bytes: usize,
 }
 
+/// What the hub's replay→live join relies on from every backend:
+///
+/// - a publication can be read from `history` no later than it is handed to the sink;
+/// - every seq at or before the position a history read returns is in the page it returns (or
+///   was evicted, which the page's `oldest` shows);
+/// - after `interest(topic, true)`, `history` knows the topic, with an epoch that lasts until
+///   the interest ends.
 pub(crate) trait Backend: Send + Sync + 'static {
     /// What `/api/topics` and `/metrics` call it.
     fn name(&self) -> &'static str;
@@ -95,8 +107,9 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// node is interested in exists, with a stable epoch, until interest ends.
     fn interest(&self, subject: &Subject, on: bool);
 
-    /// Every topic the backend knows: with a seq, with retained messages, or with interest.
-    fn streams(&self) -> Vec<StreamInfo>;
+    /// The topics the backend knows (with a seq, with retained messages, or with interest) whose
+    /// names `matching` accepts.
+    fn streams(&self, matching: &dyn Fn(&str) -> bool) -> Vec<StreamInfo>;
 
     /// Periodic housekeeping: expires history and forgets topics idle long enough.
     fn sweep(&self, now: Instant);

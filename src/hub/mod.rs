@@ -20,6 +20,8 @@ mod patterns;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -63,7 +65,8 @@ pub(crate) struct HubStats {
 type HubTopic = TopicEntry<TopicState, Interest>;
 
 /// Whether the backend has been told of this node's interest in a topic. Taken before the
-/// topic's state, never while holding it, and never on the delivery path.
+/// topic's state and never on the delivery path; the sweep only tries it (`try_lock`) while
+/// holding the state, which cannot wait on anyone.
 #[derive(Default)]
 struct Interest(Mutex<bool>);
 
@@ -83,12 +86,32 @@ struct Subscriber {
 }
 
 impl Subscriber {
-    /// Offers a publication's frame to the connection, as accepted at `now`.
+    /// Offers a live publication's frame to the connection, as accepted at `now`.
     fn offer(&self, publication: &Publication, ns: Ns, now: Instant) -> Push {
         let encoding = self.conn.encoding;
         let frame = publication.frame(encoding, |p| {
             frame::encode_message(encoding, &p.topic, p.seq, &p.data)
         });
+        self.push(frame, publication, ns, now)
+    }
+
+    /// Offers the frame of a publication replayed from history; one made now counts on `meter`.
+    fn offer_replayed(
+        &self,
+        publication: &Publication,
+        ns: Ns,
+        meter: Option<&AtomicUsize>,
+    ) -> Push {
+        let encoding = self.conn.encoding;
+        let frame = publication.replay_frame(
+            encoding,
+            |p| frame::encode_message(encoding, &p.topic, p.seq, &p.data),
+            meter,
+        );
+        self.push(frame, publication, ns, Instant::now())
+    }
+
+    fn push(&self, frame: Bytes, publication: &Publication, ns: Ns, now: Instant) -> Push {
         match self.mode {
             DeliveryMode::All => self.conn.queue.push_message(frame, ns, now),
             DeliveryMode::Latest { min_interval } => {
@@ -147,7 +170,6 @@ struct PatternRoute {
 
 /// The join of a pattern subscription's replay (every matching topic's last messages) to its
 /// live stream.
-#[derive(Default)]
 struct PatternJoin {
     /// Live publications held while the replay is queued; None once it is done.
     held: Mutex<Option<Vec<Arc<Publication>>>>,
@@ -199,20 +221,31 @@ impl PatternJoin {
         }
     }
 
-    /// Ends the replay: releases what was held, in order, except what the replay had.
+    /// Ends the replay: releases what was held, in order, except what the replay had. The
+    /// publications are queued a batch at a time outside the lock, so publishers of matching
+    /// topics are not kept waiting while a long backlog goes out; what they deliver meanwhile is
+    /// held and goes out in the next batch.
     fn release(
         &self,
         replayed: HashMap<Arc<str>, StreamPosition>,
         mut offer: impl FnMut(&Arc<Publication>),
     ) {
-        let mut held = self.held.lock();
-        for publication in held.take().unwrap_or_default() {
-            if let Admit::Offer = Self::filter(&replayed, &publication) {
-                offer(&publication);
+        loop {
+            let mut held = self.held.lock();
+            let batch = held.as_mut().map(std::mem::take).unwrap_or_default();
+            if batch.is_empty() {
+                *held = None;
+                // Set under the lock and after the last batch, so that nothing overtakes them.
+                let _ = self.replayed.set(replayed);
+                return;
+            }
+            drop(held);
+            for publication in &batch {
+                if let Admit::Offer = Self::filter(&replayed, publication) {
+                    offer(publication);
+                }
             }
         }
-        // Set under the lock and after the release, so that nothing newer overtakes it.
-        let _ = self.replayed.set(replayed);
     }
 }
 
@@ -280,6 +313,45 @@ impl TopicState {
         receivers
     }
 
+    /// For a connection about to (re)subscribe to exactly this topic: whether it already receives
+    /// it (Some), through an exact subscription or a pattern, and if so what that subscription
+    /// still drops as repeats of its own replay.
+    fn continuing(
+        &mut self,
+        name: &str,
+        id: ConnectionId,
+        patterns: &PatternIndex<PatternRoute>,
+    ) -> Option<Option<StreamPosition>> {
+        if let Some(route) = self.exact.get(&id) {
+            return Some(match &route.join {
+                Join::Live { replayed } => replayed.clone(),
+                Join::Replaying(_) => None,
+            });
+        }
+        let by_pattern = patterns.len() > 0
+            && self
+                .refresh_pattern_matches(name, patterns)
+                .iter()
+                .any(|r| r.subscriber.conn.id == id);
+        by_pattern.then_some(None)
+    }
+
+    /// Ends a route's replay: it is live from now on, dropping what is at or before `replayed`
+    /// until something newer passes. Returns what it held meanwhile.
+    fn go_live(
+        &mut self,
+        id: ConnectionId,
+        replayed: Option<StreamPosition>,
+    ) -> Option<Vec<Arc<Publication>>> {
+        let route = self.exact.get_mut(&id)?;
+        let Join::Replaying(held) = &mut route.join else {
+            return None;
+        };
+        let held = std::mem::take(held);
+        route.join = Join::Live { replayed };
+        Some(held)
+    }
+
     /// How many connections would receive a publication now.
     fn receivers(&mut self, name: &str, patterns: &PatternIndex<PatternRoute>) -> usize {
         let mut receivers = self.exact.len();
@@ -294,7 +366,9 @@ impl TopicState {
     }
 }
 
-/// Keeps one route per connection, preferring one without a replay to join.
+/// Keeps one route per connection, preferring one without a replay to join: a connection that
+/// already receives a topic through a plain pattern goes on receiving it there without a pause
+/// (nothing held, nothing dropped), and a rewind's replay of that topic is an extra copy.
 fn one_route_per_connection(mut routes: Vec<(ConnectionId, PatternRoute)>) -> Arc<[PatternRoute]> {
     routes.sort_by_key(|(id, route)| (*id, route.join.is_some()));
     routes.dedup_by_key(|(id, _)| *id);
@@ -364,9 +438,10 @@ impl Hub {
             subscriber: subscriber.clone(),
             join: Join::Replaying(Vec::new()),
         };
-        let topic = self.topics.with_or_create(name, |topic, state| {
+        let (topic, continuing) = self.topics.with_or_create(name, |topic, state| {
+            let continuing = state.continuing(name, id, &self.patterns);
             self.add_exact(state, id, route);
-            topic.clone()
+            (topic.clone(), continuing)
         });
         self.reconcile_interest(backend, &topic);
 
@@ -389,7 +464,7 @@ impl Hub {
             stream: page.as_ref().map(|p| p.position.clone()),
             recovered,
         });
-        let (replayed, publications) = match page {
+        let (position, publications, meter) = match page {
             Some(page) => {
                 let same_stream = match replay {
                     Replay::Since { epoch, .. } => **epoch == *page.position.epoch,
@@ -401,27 +476,54 @@ impl Hub {
                 } else {
                     Vec::new()
                 };
-                (Some(page.position), publications)
+                (Some(page.position), publications, page.frame_meter)
             }
-            None => (None, Vec::new()),
+            None => (None, Vec::new(), None),
         };
         let ns = self.metrics.namespace(name);
-        let now = Instant::now();
-        for publication in &publications {
-            subscriber.offer(publication, ns, now);
-        }
+        let replay_all = |subscriber: &Subscriber| {
+            for publication in &publications {
+                subscriber.offer_replayed(publication, ns, meter.as_deref());
+            }
+        };
 
-        // Live from here: what arrived meanwhile goes out now, unless the replay had it. (The
-        // entry stays in the table while it has this route.)
-        topic.with(|state| {
-            if let Some(route) = state.exact.get_mut(&id)
-                && let Join::Replaying(held) = &mut route.join
-            {
-                let held = std::mem::take(held);
-                route.join = Join::Live { replayed };
-                for publication in &held {
-                    route.offer_live(publication, ns);
+        // Live from here. (The entry stays in the table while it has this route.)
+        let Some(inherited) = continuing else {
+            // A new stream for this connection: the replay, then what arrived meanwhile, except
+            // what the replay had or what came before the position the ack named.
+            replay_all(&subscriber);
+            topic.with(|state| {
+                if let Some(held) = state.go_live(id, position.clone())
+                    && let Some(route) = state.exact.get_mut(&id)
+                {
+                    for publication in &held {
+                        route.offer_live(publication, ns);
+                    }
                 }
+            });
+            return;
+        };
+        // The connection already received the topic (a subscription being changed, or through a
+        // pattern): its stream goes on uninterrupted, with nothing dropped, and the replay asked
+        // for comes where the stream was when history was read.
+        topic.with(|state| {
+            let Some(held) = state.go_live(id, inherited) else {
+                return;
+            };
+            let Some(route) = state.exact.get_mut(&id) else {
+                return;
+            };
+            let (before, after): (Vec<_>, Vec<_>) = held.into_iter().partition(|p| {
+                position
+                    .as_ref()
+                    .is_some_and(|position| p.is_at_or_before(position))
+            });
+            for publication in &before {
+                route.offer_live(publication, ns);
+            }
+            replay_all(&route.subscriber);
+            for publication in &after {
+                route.offer_live(publication, ns);
             }
         });
     }
@@ -444,9 +546,8 @@ impl Hub {
         self.reconcile_pattern_interest(backend, pattern);
 
         let mut replayed = HashMap::new();
-        let now = Instant::now();
-        for stream in backend.streams() {
-            if stream.history == 0 || !topic::matches(pattern, &stream.name) {
+        for stream in backend.streams(&|name| topic::matches(pattern, name)) {
+            if stream.history == 0 {
                 continue;
             }
             let Some(page) = backend.history(&stream.name, HistoryQuery::Last(n)) else {
@@ -454,7 +555,7 @@ impl Hub {
             };
             let ns = self.metrics.namespace(&stream.name);
             for publication in &page.publications {
-                subscriber.offer(publication, ns, now);
+                subscriber.offer_replayed(publication, ns, page.frame_meter.as_deref());
             }
             replayed.insert(stream.name, page.position);
         }
