@@ -30,11 +30,9 @@ pub(crate) struct TopicHistory {
     indexed: bool,
 }
 
-/// Something that owns a [`TopicHistory`] behind a lock: the index reaches histories through it.
-pub(crate) trait HistoryOwner: Send + Sync {
-    /// Runs `f` on the history under the owner's lock; None if the owner is gone.
-    fn with_history<R>(&self, f: impl FnOnce(&mut TopicHistory) -> R) -> Option<R>;
-}
+/// How the index reaches a topic's history: runs the function on it under the topic's lock, and
+/// says false if the topic is gone.
+pub(crate) type HistoryAccess<T> = fn(&T, &mut dyn FnMut(&mut TopicHistory)) -> bool;
 
 /// The limits and the global accounting shared by every topic's history.
 pub(crate) struct HistoryIndex<T> {
@@ -46,6 +44,7 @@ pub(crate) struct HistoryIndex<T> {
     bytes: Arc<AtomicUsize>,
     messages: AtomicUsize,
     heads: Mutex<BinaryHeap<Reverse<Head<T>>>>,
+    access: HistoryAccess<T>,
     metrics: Arc<Metrics>,
 }
 
@@ -120,8 +119,16 @@ impl TopicHistory {
     }
 }
 
-impl<T: HistoryOwner> HistoryIndex<T> {
-    pub(crate) fn new(size: usize, ttl: Duration, max_bytes: usize, metrics: Arc<Metrics>) -> Self {
+impl<T> HistoryIndex<T> {
+    /// Histories of at most `size` messages each, none older than `ttl`, `max_bytes` together;
+    /// topics (of type `T`) are reached through `access`.
+    pub(crate) fn new(
+        size: usize,
+        ttl: Duration,
+        max_bytes: usize,
+        access: HistoryAccess<T>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         HistoryIndex {
             size,
             ttl,
@@ -129,6 +136,7 @@ impl<T: HistoryOwner> HistoryIndex<T> {
             bytes: Arc::new(AtomicUsize::new(0)),
             messages: AtomicUsize::new(0),
             heads: Mutex::new(BinaryHeap::new()),
+            access,
             metrics,
         }
     }
@@ -220,6 +228,17 @@ impl<T: HistoryOwner> HistoryIndex<T> {
         }
     }
 
+    /// Runs `f` on `topic`'s history under its lock; None if the topic is gone.
+    fn with_history<R>(&self, topic: &T, f: impl FnOnce(&mut TopicHistory) -> R) -> Option<R> {
+        let (mut f, mut out) = (Some(f), None);
+        (self.access)(topic, &mut |history| {
+            if let Some(f) = f.take() {
+                out = Some(f(history));
+            }
+        });
+        out
+    }
+
     /// Takes the topic whose oldest message is the oldest of all and applies `evict` to its
     /// history (fixing stale keys on the way). Returns false when there is nothing to evict.
     fn evict_oldest(&self, evict: impl Fn(&mut TopicHistory) -> bool) -> bool {
@@ -232,7 +251,7 @@ impl<T: HistoryOwner> HistoryIndex<T> {
             let Some(topic) = head.topic.upgrade() else {
                 continue;
             };
-            let outcome = topic.with_history(|history| {
+            let outcome = self.with_history(&topic, |history| {
                 if history.head_key() != Some(head.at) {
                     // Stale: put the topic back at its actual head.
                     return (false, history.head_key());
@@ -249,7 +268,7 @@ impl<T: HistoryOwner> HistoryIndex<T> {
                     topic: head.topic,
                 })),
                 None => {
-                    topic.with_history(|history| {
+                    self.with_history(&topic, |history| {
                         // Nothing left; a publish since then re-indexes the topic itself.
                         if history.is_empty() {
                             history.indexed = false;

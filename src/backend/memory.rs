@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::history::{HistoryIndex, HistoryOwner, TopicHistory};
+use super::history::{HistoryIndex, TopicHistory};
 use super::{
     Backend, BackendStats, DeliverySink, HistoryPage, HistoryQuery, Published, StreamInfo,
 };
@@ -39,12 +39,6 @@ pub(crate) struct TopicState {
     history: TopicHistory,
     /// The last publish, or the end of interest.
     last_active: Instant,
-}
-
-impl HistoryOwner for Topic {
-    fn with_history<R>(&self, f: impl FnOnce(&mut TopicHistory) -> R) -> Option<R> {
-        self.with(|state| f(&mut state.history))
-    }
 }
 
 /// A fresh epoch: random, so that a restarted node never reuses one.
@@ -92,6 +86,7 @@ impl MemoryBackend {
                 },
                 config.history_ttl,
                 config.history_max_bytes,
+                |topic: &Topic, f| topic.with(|state| f(&mut state.history)).is_some(),
                 metrics,
             ),
             topic_ttl: config.topic_ttl,
