@@ -46,7 +46,7 @@ impl ConnectionActor {
     pub(crate) fn subscribe_on_connect(&self, topics: &[String]) {
         for topic in topics {
             if let Err(refusal) = self.subscribe(topic, &SubscribeOptions::default(), None) {
-                self.reply_error(&FrameError::new(None, refusal.code, refusal.message));
+                self.reply_error(&refused(None, refusal));
             }
         }
     }
@@ -86,7 +86,7 @@ impl ConnectionActor {
         };
         match checked {
             Ok(()) => err,
-            Err(refusal) => FrameError::new(err.id, refusal.code, refusal.message),
+            Err(refusal) => refused(err.id, refusal),
         }
     }
 
@@ -107,7 +107,6 @@ impl ConnectionActor {
             Err(err) => return self.reply_error(&self.first_fault(err)),
         };
         let id = request.id;
-        let refused = |refusal: Refusal| FrameError::new(id.clone(), refusal.code, refusal.message);
         let answered = match request.op {
             Op::Subscribe { topic, options } => self.subscribe(&topic, &options, id.as_ref()),
             Op::Unsubscribe { topic } => self
@@ -124,7 +123,7 @@ impl ConnectionActor {
             }
         };
         if let Err(refusal) = answered {
-            self.reply_error(&refused(refusal));
+            self.reply_error(&refused(id, refusal));
         }
     }
 
@@ -200,6 +199,11 @@ impl ConnectionActor {
             self.conn.queue.push_control(frame::ping_frame());
         }
     }
+}
+
+/// The `error` frame for what the broker refused.
+fn refused(id: Option<FrameId>, refusal: Refusal) -> FrameError {
+    FrameError::new(id, refusal.code, refusal.message)
 }
 
 /// How often a connection checks its timers: often enough to honour the shortest of them

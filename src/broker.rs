@@ -264,12 +264,11 @@ impl Broker {
     /// Checks the subscriptions a connection asks for in its upgrade request (`?subscribe=`,
     /// comma-separated) before it is accepted; returns them without repeats.
     pub(crate) fn check_subscriptions(&self, list: &str) -> Result<Vec<String>, Refusal> {
-        let mut subjects: Vec<Subject> = Vec::new();
-        let mut topics = Vec::new();
+        let mut topics: Vec<String> = Vec::new();
         for topic in list.split(',').filter(|t| !t.is_empty()) {
-            let subject = self.subject(topic)?;
-            if !subjects.contains(&subject) {
-                subjects.push(subject);
+            self.check_subject(topic)?;
+            // A subject is its text: equal texts are the same subscription.
+            if !topics.iter().any(|t| t == topic) {
                 topics.push(topic.to_owned());
             }
         }

@@ -20,11 +20,10 @@ mod patterns;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-
-use bytes::Bytes;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 
 use crate::backend::{Backend, DeliverySink, HistoryQuery};
@@ -88,10 +87,7 @@ struct Subscriber {
 impl Subscriber {
     /// Offers a live publication's frame to the connection, as accepted at `now`.
     fn offer(&self, publication: &Publication, ns: Ns, now: Instant) -> Push {
-        let encoding = self.conn.encoding;
-        let frame = publication.frame(encoding, |p| {
-            frame::encode_message(encoding, &p.topic, p.seq, &p.data)
-        });
+        let frame = publication.frame(self.conn.encoding, self.encoder());
         self.push(frame, publication, ns, now)
     }
 
@@ -102,13 +98,14 @@ impl Subscriber {
         ns: Ns,
         meter: Option<&AtomicUsize>,
     ) -> Push {
-        let encoding = self.conn.encoding;
-        let frame = publication.replay_frame(
-            encoding,
-            |p| frame::encode_message(encoding, &p.topic, p.seq, &p.data),
-            meter,
-        );
+        let frame = publication.replay_frame(self.conn.encoding, self.encoder(), meter);
         self.push(frame, publication, ns, Instant::now())
+    }
+
+    /// Makes a publication's `message` frame in this connection's encoding.
+    fn encoder(&self) -> impl FnOnce(&Publication) -> Bytes + use<> {
+        let encoding = self.conn.encoding;
+        move |p| frame::encode_message(encoding, &p.topic, p.seq, &p.data)
     }
 
     fn push(&self, frame: Bytes, publication: &Publication, ns: Ns, now: Instant) -> Push {
@@ -137,6 +134,17 @@ enum Join {
 }
 
 impl ExactRoute {
+    /// Ends the route's replay: it is live from now on, dropping what is at or before `replayed`
+    /// until something newer passes. Returns what it held meanwhile.
+    fn go_live(&mut self, replayed: Option<StreamPosition>) -> Option<Vec<Arc<Publication>>> {
+        let Join::Replaying(held) = &mut self.join else {
+            return None;
+        };
+        let held = std::mem::take(held);
+        self.join = Join::Live { replayed };
+        Some(held)
+    }
+
     /// Queues a live publication unless the replay had it; whether it was accepted.
     fn offer_live(&mut self, publication: &Arc<Publication>, ns: Ns) -> bool {
         match &mut self.join {
@@ -336,22 +344,6 @@ impl TopicState {
         by_pattern.then_some(None)
     }
 
-    /// Ends a route's replay: it is live from now on, dropping what is at or before `replayed`
-    /// until something newer passes. Returns what it held meanwhile.
-    fn go_live(
-        &mut self,
-        id: ConnectionId,
-        replayed: Option<StreamPosition>,
-    ) -> Option<Vec<Arc<Publication>>> {
-        let route = self.exact.get_mut(&id)?;
-        let Join::Replaying(held) = &mut route.join else {
-            return None;
-        };
-        let held = std::mem::take(held);
-        route.join = Join::Live { replayed };
-        Some(held)
-    }
-
     /// How many connections would receive a publication now.
     fn receivers(&mut self, name: &str, patterns: &PatternIndex<PatternRoute>) -> usize {
         let mut receivers = self.exact.len();
@@ -493,8 +485,8 @@ impl Hub {
             // what the replay had or what came before the position the ack named.
             replay_all(&subscriber);
             topic.with(|state| {
-                if let Some(held) = state.go_live(id, position.clone())
-                    && let Some(route) = state.exact.get_mut(&id)
+                if let Some(route) = state.exact.get_mut(&id)
+                    && let Some(held) = route.go_live(position.clone())
                 {
                     for publication in &held {
                         route.offer_live(publication, ns);
@@ -507,10 +499,10 @@ impl Hub {
         // pattern): its stream goes on uninterrupted, with nothing dropped, and the replay asked
         // for comes where the stream was when history was read.
         topic.with(|state| {
-            let Some(held) = state.go_live(id, inherited) else {
+            let Some(route) = state.exact.get_mut(&id) else {
                 return;
             };
-            let Some(route) = state.exact.get_mut(&id) else {
+            let Some(held) = route.go_live(inherited) else {
                 return;
             };
             let (before, after): (Vec<_>, Vec<_>) = held.into_iter().partition(|p| {
