@@ -1,21 +1,32 @@
 //! The connection actor: one per WebSocket, living as long as it does. It reads the client's
-//! frames, answers them through the broker, and keeps the heartbeat (pings, idle and write
-//! timeouts).
+//! frames, answers them through the broker, and keeps the connection's clocks: pings, idle and
+//! write timeouts, the deadline to authenticate, the token's expiry, the bad-frame window and
+//! the time a closing socket gets to take its close frame.
 //!
 //! Outgoing data never travels through the actor's mailbox: publishers push encoded frames
 //! straight into the connection's bounded outbound queue, from whatever thread they run on.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use actix::{Actor, ActorContext, AsyncContext, Context, SpawnHandle, StreamHandler};
 use actix_http::error::PayloadError;
 use actix_ws::{AggregatedMessage, ProtocolError};
 
-use crate::broker::{Broker, Refusal};
+use crate::broker::{Broker, Publisher, Refusal};
 use crate::connection::Connection;
 use crate::frame::{self, CloseCode, FrameError, FrameId, NamedTopic, Op, Request, ServerFrame};
-use crate::model::{Source, SubscribeOptions, Subscribed};
+use crate::metrics::Refused;
+use crate::model::{ErrorCode, SubscribeOptions, Subscribed};
+use crate::topic::Subject;
+
+/// How long a closing connection's socket may take nothing (the close frame, or what is queued
+/// before it) before the connection is torn down.
+const CLOSE_STALL_LIMIT: Duration = Duration::from_secs(1);
+
+/// The window `--max-bad-frames` counts in.
+const BAD_FRAME_WINDOW: Duration = Duration::from_secs(60);
 
 /// The actor behind one connection.
 pub(crate) struct ConnectionActor {
@@ -26,6 +37,10 @@ pub(crate) struct ConnectionActor {
     /// Set once the connection is being closed because of what the client sent.
     failed: bool,
     reader: Option<SpawnHandle>,
+    /// Closes the connection when its token expires, or when it has not authenticated in time.
+    deadline: Option<SpawnHandle>,
+    /// When the last bad frames came, at most `--max-bad-frames` of them.
+    bad_frames: VecDeque<Instant>,
 }
 
 impl ConnectionActor {
@@ -38,6 +53,8 @@ impl ConnectionActor {
             last_ping: now,
             failed: false,
             reader: None,
+            deadline: None,
+            bad_frames: VecDeque::new(),
         }
     }
 
@@ -69,12 +86,43 @@ impl ConnectionActor {
     }
 
     fn reply_error(&self, err: &FrameError) {
+        self.send_error(err, None);
+    }
+
+    fn send_error(&self, err: &FrameError, topic: Option<&str>) {
         self.broker.metrics().error_sent(err.code);
         self.reply(&ServerFrame::Error {
             id: err.id.as_ref(),
             code: err.code.as_str(),
             message: &err.message,
+            topic,
         });
+    }
+
+    /// Answers a frame that could not be served, and closes a connection that sends too many.
+    /// Going over the publish rate is not a bad frame: it has its own answer.
+    fn reject(&mut self, err: &FrameError, ctx: &mut Context<Self>) {
+        self.reply_error(err);
+        if err.code == ErrorCode::RateLimited {
+            return;
+        }
+        let limit = self.broker.config().max_bad_frames;
+        if limit == 0 {
+            return;
+        }
+        let now = Instant::now();
+        while self
+            .bad_frames
+            .front()
+            .is_some_and(|&at| now.duration_since(at) >= BAD_FRAME_WINDOW)
+        {
+            self.bad_frames.pop_front();
+        }
+        self.bad_frames.push_back(now);
+        if self.bad_frames.len() >= limit {
+            self.broker.metrics().refused(Refused::BadFrames);
+            self.fail(CloseCode::POLICY_VIOLATION, ctx, "too many bad frames");
+        }
     }
 
     /// What to answer a malformed frame with: a bad topic it names comes first.
@@ -101,12 +149,30 @@ impl ConnectionActor {
         }
     }
 
-    fn handle_request(&mut self, request: Result<Request, FrameError>) {
+    fn handle_request(&mut self, request: Result<Request, FrameError>, ctx: &mut Context<Self>) {
         let request = match request {
             Ok(request) => request,
-            Err(err) => return self.reply_error(&self.first_fault(err)),
+            Err(err) => {
+                let err = self.first_fault(err);
+                return self.reject(&err, ctx);
+            }
         };
         let id = request.id;
+        if let Op::Auth { token } = &request.op {
+            return self.authenticate(token, id, ctx);
+        }
+        if !self
+            .conn
+            .with_identity(|identity| identity.is_authenticated())
+        {
+            self.broker.metrics().refused(Refused::Unauthorized);
+            let err = FrameError::new(
+                id,
+                ErrorCode::Unauthorized,
+                "authenticate first: send {\"op\":\"auth\",\"token\":...}",
+            );
+            return self.reject(&err, ctx);
+        }
         let answered = match request.op {
             Op::Subscribe { topic, options } => self.subscribe(&topic, &options, id.as_ref()),
             Op::Unsubscribe { topic } => self
@@ -115,16 +181,72 @@ impl ConnectionActor {
                 .map(|()| self.ack(id.as_ref(), None)),
             Op::Publish { topic, data } => self
                 .broker
-                .publish(&topic, data, Source::Ws)
+                .publish(Publisher::Connection(&self.conn), &topic, data)
                 .map(|accepted| self.ack(id.as_ref(), Some(accepted.seq))),
             Op::Ping => {
                 self.reply(&ServerFrame::Pong { id: id.as_ref() });
                 Ok(())
             }
+            Op::Auth { .. } => Ok(()),
         };
         if let Err(refusal) = answered {
-            self.reply_error(&refused(id, refusal));
+            self.reject(&refused(id, refusal), ctx);
         }
+    }
+
+    /// `auth`: a first token, or a fresh one before the current one expires. The new grants
+    /// replace the old; subscriptions they no longer grant end, each with a `forbidden` error.
+    fn authenticate(&mut self, token: &str, id: Option<FrameId>, ctx: &mut Context<Self>) {
+        let identity = match self.broker.auth().authenticate(token) {
+            Ok(identity) => identity,
+            Err(invalid) => {
+                self.broker.metrics().refused(Refused::InvalidToken);
+                let err = FrameError::new(id, ErrorCode::InvalidToken, invalid.0);
+                return self.reject(&err, ctx);
+            }
+        };
+        let ended = self.broker.reauthorize(&self.conn, identity);
+        self.ack(id.as_ref(), None);
+        for subject in ended {
+            let topic = match &subject {
+                Subject::Topic(t) | Subject::Pattern(t) => t,
+            };
+            let err = FrameError::new(
+                None,
+                ErrorCode::Forbidden,
+                format!("the new token does not grant {topic:?}; the subscription has ended"),
+            );
+            self.send_error(&err, Some(topic));
+        }
+        self.set_deadline(ctx);
+    }
+
+    /// Schedules the close the connection's identity calls for: 4002 when its token expires,
+    /// 4003 if it has not authenticated within `--auth-timeout`.
+    fn set_deadline(&mut self, ctx: &mut Context<Self>) {
+        if let Some(old) = self.deadline.take() {
+            ctx.cancel_future(old);
+        }
+        let identity = self.conn.identity();
+        let (after, code) = if !identity.is_authenticated() {
+            (self.broker.config().auth_timeout, CloseCode::AUTH_REQUIRED)
+        } else if let Some(left) = identity.expires_in(SystemTime::now()) {
+            (left, CloseCode::TOKEN_EXPIRED)
+        } else {
+            return;
+        };
+        self.deadline = Some(ctx.run_later(after, move |actor, ctx| {
+            actor.deadline = None;
+            if code == CloseCode::AUTH_REQUIRED {
+                actor.broker.metrics().refused(Refused::AuthTimeout);
+            }
+            tracing::debug!(connection = %actor.conn.id, code = code.code, "closing: {}", code.reason);
+            actor.failed = true;
+            if let Some(reader) = actor.reader.take() {
+                ctx.cancel_future(reader);
+            }
+            actor.conn.queue.close(code, false);
+        }));
     }
 
     /// Subscribes (or changes an existing subscription's options). The ack, when `id` is given,
@@ -201,6 +323,26 @@ impl ConnectionActor {
     }
 }
 
+/// Tears a closing connection down once its socket has taken nothing for
+/// [`CLOSE_STALL_LIMIT`]: a client that reads nothing would otherwise hold it until the write
+/// timeout. A socket that keeps taking bytes (a close after a flush) is left to finish.
+async fn watch_close(conn: Arc<Connection>) {
+    conn.queue.closing_started().await;
+    loop {
+        let health = conn.queue.health(Instant::now());
+        if health.finished {
+            return;
+        }
+        let idle = health.closing_idle_for.unwrap_or_default();
+        if idle >= CLOSE_STALL_LIMIT {
+            tracing::debug!(connection = %conn.id, "closing socket takes nothing; tearing down");
+            conn.force_close();
+            return;
+        }
+        tokio::time::sleep(CLOSE_STALL_LIMIT - idle).await;
+    }
+}
+
 /// The `error` frame for what the broker refused.
 fn refused(id: Option<FrameId>, refusal: Refusal) -> FrameError {
     FrameError::new(id, refusal.code, refusal.message)
@@ -223,6 +365,8 @@ impl Actor for ConnectionActor {
             config.write_timeout,
         );
         ctx.run_interval(period, |actor, ctx| actor.heartbeat(ctx));
+        self.set_deadline(ctx);
+        ctx.spawn(actix::fut::wrap_future(watch_close(self.conn.clone())));
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
@@ -298,11 +442,11 @@ impl ConnectionActor {
         match item {
             Ok(AggregatedMessage::Text(text)) => {
                 self.broker.metrics().received(text.len());
-                self.handle_request(frame::parse_json(&text));
+                self.handle_request(frame::parse_json(&text), ctx);
             }
             Ok(AggregatedMessage::Binary(bytes)) => {
                 self.broker.metrics().received(bytes.len());
-                self.handle_request(frame::parse_msgpack(&bytes));
+                self.handle_request(frame::parse_msgpack(&bytes), ctx);
             }
             Ok(AggregatedMessage::Ping(payload)) => {
                 self.conn.queue.push_control(frame::pong_frame(&payload));

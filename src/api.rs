@@ -2,15 +2,18 @@
 //! error is `{"error":{"code":...,"message":...}}` with a 4xx status.
 
 use std::fmt;
+use std::sync::Arc;
 
 use actix_web::http::{StatusCode, header};
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::broker::{Accepted, Broker, Refusal};
-use crate::data::Data;
-use crate::model::{ErrorCode, Source};
+use crate::auth::{Identity, InvalidToken};
+use crate::broker::{Accepted, Broker, Publisher, Refusal};
+use crate::data::{Data, msgpack_value_len};
+use crate::metrics::Refused;
+use crate::model::ErrorCode;
 
 #[derive(Debug)]
 pub(crate) struct ApiError {
@@ -32,6 +35,14 @@ impl ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
+    pub(crate) fn unauthorized(message: impl Into<String>) -> Self {
+        ApiError::from_code(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message)
+    }
+
+    pub(crate) fn invalid_token(invalid: InvalidToken) -> Self {
+        ApiError::from_code(StatusCode::UNAUTHORIZED, ErrorCode::InvalidToken, invalid.0)
+    }
+
     fn from_code(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         ApiError::new(status, code.as_str(), message)
     }
@@ -45,6 +56,9 @@ impl From<Refusal> for ApiError {
             | ErrorCode::UnknownOp
             | ErrorCode::InvalidTopic
             | ErrorCode::TooManySubscriptions => StatusCode::BAD_REQUEST,
+            ErrorCode::Unauthorized | ErrorCode::InvalidToken => StatusCode::UNAUTHORIZED,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         };
         ApiError::from_code(status, refusal.code, refusal.message)
     }
@@ -62,8 +76,11 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status)
-            .json(json!({"error": {"code": self.code, "message": self.message}}))
+        let mut response = HttpResponse::build(self.status);
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+        }
+        response.json(json!({"error": {"code": self.code, "message": self.message}}))
     }
 }
 
@@ -107,8 +124,57 @@ pub(crate) async fn not_found(req: HttpRequest) -> HttpResponse {
     .error_response()
 }
 
+/// The token of an `Authorization: Bearer` header, if there is one.
+pub(crate) fn bearer_token(req: &HttpRequest) -> Result<Option<&str>, ApiError> {
+    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| ApiError::unauthorized("the Authorization header is not valid text"))?;
+    match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Ok(Some(token.trim())),
+        _ => Err(ApiError::unauthorized(
+            "the Authorization header must be `Bearer <token>`",
+        )),
+    }
+}
+
+/// Who an HTTP API request is: its `Authorization: Bearer` API key or token. On a broker without
+/// authentication everyone is allowed everything.
+fn credentials(req: &HttpRequest, broker: &Broker) -> Result<Arc<Identity>, ApiError> {
+    let auth = broker.auth();
+    if auth.api_open() {
+        return Ok(auth.unauthenticated());
+    }
+    let Some(presented) = bearer_token(req)? else {
+        broker.metrics().refused(Refused::Unauthorized);
+        return Err(ApiError::unauthorized(
+            "this API needs `Authorization: Bearer <API key or token>`",
+        ));
+    };
+    auth.authenticate(presented).map_err(|invalid| {
+        broker.metrics().refused(Refused::InvalidToken);
+        ApiError::invalid_token(invalid)
+    })
+}
+
+/// Credentials for the routes that show the whole broker (topics, connections): an API key.
+fn operator(req: &HttpRequest, broker: &Broker) -> Result<Arc<Identity>, ApiError> {
+    let identity = credentials(req, broker)?;
+    if !identity.is_operator() {
+        broker.metrics().refused(Refused::Forbidden);
+        return Err(ApiError::from_code(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            "this route needs an API key",
+        ));
+    }
+    Ok(identity)
+}
+
 #[derive(Debug, Clone, Copy)]
-enum BodyEncoding {
+pub(crate) enum BodyEncoding {
     Json,
     Msgpack,
 }
@@ -179,17 +245,60 @@ async fn publish_one(
     broker: web::Data<Broker>,
 ) -> Result<HttpResponse, ApiError> {
     let topic = topic.into_inner();
+    let identity = credentials(&req, &broker)?;
     // Before reading a body that could not be published anyway.
     broker.check_topic(&topic)?;
     let encoding = body_encoding(&req)?;
     let body = read_body(payload, broker.config().max_message_bytes).await?;
-    let data = match encoding {
+    let data = decode_data(encoding, body)?;
+    let accepted = broker.publish(Publisher::Http(&identity), &topic, data)?;
+    Ok(HttpResponse::Ok().json(PublishResult::new(topic, accepted)))
+}
+
+/// A publish body: the message's data.
+pub(crate) fn decode_data(encoding: BodyEncoding, body: web::Bytes) -> Result<Data, ApiError> {
+    match encoding {
         BodyEncoding::Json => Data::from_json(body),
         BodyEncoding::Msgpack => Data::from_msgpack(body),
     }
-    .map_err(|e| ApiError::bad_request(e.0))?;
-    let accepted = broker.publish(&topic, data, Source::Http)?;
-    Ok(HttpResponse::Ok().json(PublishResult::new(topic, accepted)))
+    .map_err(|e| ApiError::bad_request(e.0))
+}
+
+/// A batch body: `[{"topic":...,"data":...}, ...]` in either encoding.
+pub(crate) fn decode_batch(
+    encoding: BodyEncoding,
+    body: &[u8],
+) -> Result<Vec<(String, Data)>, ApiError> {
+    let shape = |e: &dyn fmt::Display| {
+        ApiError::bad_request(format!("the body must be an array of {{topic, data}}: {e}"))
+    };
+    match encoding {
+        BodyEncoding::Json => {
+            serde_json::from_slice::<Vec<BatchItem<&serde_json::value::RawValue>>>(body)
+                .map_err(|e| shape(&e))?
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| {
+                    let data = web::Bytes::copy_from_slice(item.data.get().as_bytes());
+                    Data::from_parsed_json(data)
+                        .map(|data| (item.topic, data))
+                        .map_err(|e| ApiError::bad_request(format!("item {i}: {}", e.0)))
+                })
+                .collect()
+        }
+        BodyEncoding::Msgpack => {
+            match msgpack_value_len(body) {
+                Ok(len) if len == body.len() => {}
+                Ok(len) => return Err(shape(&format!("{} bytes after it", body.len() - len))),
+                Err(e) => return Err(shape(&format!("not valid MessagePack: {}", e.0))),
+            }
+            Ok(rmp_serde::from_slice::<Vec<BatchItem<rmpv::Value>>>(body)
+                .map_err(|e| shape(&e))?
+                .into_iter()
+                .map(|item| (item.topic, Data::from_msgpack_value(&item.data)))
+                .collect())
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -204,35 +313,12 @@ async fn publish_batch(
     payload: web::Payload,
     broker: web::Data<Broker>,
 ) -> Result<HttpResponse, ApiError> {
+    let identity = credentials(&req, &broker)?;
     let encoding = body_encoding(&req)?;
     let body = read_body(payload, broker.config().max_batch_bytes).await?;
-    let items: Vec<(String, Data)> = match encoding {
-        BodyEncoding::Json => {
-            serde_json::from_slice::<Vec<BatchItem<&serde_json::value::RawValue>>>(&body)
-                .map_err(|e| {
-                    ApiError::bad_request(format!(
-                        "the body must be an array of {{topic, data}}: {e}"
-                    ))
-                })?
-                .into_iter()
-                .map(|item| {
-                    (
-                        item.topic,
-                        Data::Json(web::Bytes::copy_from_slice(item.data.get().as_bytes())),
-                    )
-                })
-                .collect()
-        }
-        BodyEncoding::Msgpack => rmp_serde::from_slice::<Vec<BatchItem<rmpv::Value>>>(&body)
-            .map_err(|e| {
-                ApiError::bad_request(format!("the body must be an array of {{topic, data}}: {e}"))
-            })?
-            .into_iter()
-            .map(|item| (item.topic, Data::from_msgpack_value(&item.data)))
-            .collect(),
-    };
+    let items = decode_batch(encoding, &body)?;
     let results: Vec<PublishResult> = broker
-        .publish_batch(items, Source::Http)?
+        .publish_batch(&identity, items)?
         .into_iter()
         .map(|(topic, accepted)| PublishResult::new(topic, accepted))
         .collect();
@@ -245,10 +331,15 @@ struct Limit {
 }
 
 /// `GET /api/topics`
-async fn list_topics(query: web::Query<Limit>, broker: web::Data<Broker>) -> HttpResponse {
+async fn list_topics(
+    req: HttpRequest,
+    query: web::Query<Limit>,
+    broker: web::Data<Broker>,
+) -> Result<HttpResponse, ApiError> {
+    operator(&req, &broker)?;
     let mut topics = broker.topics();
     topics.truncate(query.limit.unwrap_or(usize::MAX));
-    HttpResponse::Ok().json(json!({ "topics": topics }))
+    Ok(HttpResponse::Ok().json(json!({ "topics": topics })))
 }
 
 #[derive(Deserialize)]
@@ -266,13 +357,15 @@ struct HistoryMessage {
 /// `GET /api/topics/{topic}/history?since=SEQ&limit=N`: the messages after `since` that the
 /// topic's history holds, oldest first, as a subscribe with `since` would replay them.
 async fn topic_history(
+    req: HttpRequest,
     topic: web::Path<String>,
     query: web::Query<HistoryQuery>,
     broker: web::Data<Broker>,
 ) -> Result<HttpResponse, ApiError> {
+    let identity = credentials(&req, &broker)?;
     let since = query.since.unwrap_or(0);
     let page = broker
-        .history(&topic, since, query.limit.unwrap_or(usize::MAX))?
+        .history(&identity, &topic, since, query.limit.unwrap_or(usize::MAX))?
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -304,6 +397,9 @@ async fn topic_history(
 #[derive(Serialize)]
 struct ConnectionInfo {
     id: String,
+    /// The token's `sub`.
+    user: Option<Arc<str>>,
+    authenticated: bool,
     peer: Option<String>,
     encoding: &'static str,
     subscriptions: usize,
@@ -315,14 +411,22 @@ struct ConnectionInfo {
 }
 
 /// `GET /api/connections`: the most backed-up first.
-async fn list_connections(query: web::Query<Limit>, broker: web::Data<Broker>) -> HttpResponse {
+async fn list_connections(
+    req: HttpRequest,
+    query: web::Query<Limit>,
+    broker: web::Data<Broker>,
+) -> Result<HttpResponse, ApiError> {
+    operator(&req, &broker)?;
     let mut connections: Vec<ConnectionInfo> = broker
         .connections()
         .iter()
         .map(|c| {
             let stats = c.queue.stats();
+            let identity = c.identity();
             ConnectionInfo {
                 id: c.id.to_string(),
+                user: identity.user.clone(),
+                authenticated: identity.is_authenticated(),
                 peer: c.peer.map(|p| p.to_string()),
                 encoding: c.encoding.name(),
                 subscriptions: c.subscription_count(),
@@ -340,18 +444,24 @@ async fn list_connections(query: web::Query<Limit>, broker: web::Data<Broker>) -
             .then_with(|| a.id.cmp(&b.id))
     });
     connections.truncate(query.limit.unwrap_or(usize::MAX));
-    HttpResponse::Ok().json(json!({ "connections": connections }))
+    Ok(HttpResponse::Ok().json(json!({ "connections": connections })))
 }
 
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
-/// `GET /metrics`: Prometheus text exposition.
-async fn metrics(broker: web::Data<Broker>) -> HttpResponse {
-    HttpResponse::Ok()
+/// `GET /metrics`: Prometheus text exposition; with `--metrics-token`, for its bearer only.
+async fn metrics(req: HttpRequest, broker: web::Data<Broker>) -> Result<HttpResponse, ApiError> {
+    if !broker.auth().metrics_allowed(bearer_token(&req)?) {
+        broker.metrics().refused(Refused::Unauthorized);
+        return Err(ApiError::unauthorized(
+            "/metrics needs `Authorization: Bearer <metrics token>`",
+        ));
+    }
+    Ok(HttpResponse::Ok()
         .content_type(prometheus::TEXT_FORMAT)
-        .body(broker.metrics().render())
+        .body(broker.metrics().render()))
 }
 
 async fn readyz(broker: web::Data<Broker>) -> HttpResponse {

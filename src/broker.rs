@@ -3,14 +3,18 @@
 //!
 //! Behind it, the backend (`crate::backend`) assigns seqs and keeps history, and the hub
 //! (`crate::hub`) delivers to this node's subscribers. What a request may do is decided here,
-//! once for every protocol: topics are validated, sizes and subscription counts limited.
+//! once for every protocol: topics are validated, grants checked (`crate::auth`), sizes,
+//! publish rates, subscription and connection counts limited.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::admission::{Admission, AdmissionLimit, Admissions};
+use crate::auth::{Authenticator, Identity};
 use crate::backend::memory::MemoryBackend;
 use crate::backend::{Backend, DeliverySink, HistoryPage, HistoryQuery};
 use crate::config::Config;
@@ -19,17 +23,19 @@ use crate::connections::{ConnectionCollector, ConnectionTable};
 use crate::data::Data;
 use crate::frame::CloseCode;
 use crate::hub::Hub;
-use crate::metrics::{ComputedGauges, Metrics};
+use crate::metrics::{ComputedGauges, Metrics, Refused};
 use crate::model::{ErrorCode, Replay, Source, SubscribeOptions, Subscribed};
 use crate::queue;
 use crate::topic::{self, Subject};
 
 pub(crate) struct Broker {
     config: Config,
+    auth: Authenticator,
     metrics: Arc<Metrics>,
     hub: Arc<Hub>,
     backend: Arc<dyn Backend>,
     connections: Arc<ConnectionTable>,
+    admissions: Admissions,
     shutting_down: AtomicBool,
 }
 
@@ -45,6 +51,22 @@ impl Refusal {
         Refusal {
             code,
             message: message.into(),
+        }
+    }
+}
+
+/// Who is publishing: an HTTP request's identity, or a connection (its identity and its rate).
+#[derive(Clone, Copy)]
+pub(crate) enum Publisher<'a> {
+    Http(&'a Identity),
+    Connection(&'a Connection),
+}
+
+impl Publisher<'_> {
+    fn source(self) -> Source {
+        match self {
+            Publisher::Http(_) => Source::Http,
+            Publisher::Connection(_) => Source::Ws,
         }
     }
 }
@@ -78,7 +100,7 @@ pub(crate) struct NodeStats {
 
 impl Broker {
     /// A broker with the in-memory backend.
-    pub(crate) fn new(config: Config) -> Arc<Self> {
+    pub(crate) fn new(config: Config) -> Result<Arc<Self>, String> {
         Broker::with_backend(config, |config, metrics, sink| {
             Arc::new(MemoryBackend::new(config, metrics, sink))
         })
@@ -88,7 +110,8 @@ impl Broker {
     pub(crate) fn with_backend(
         config: Config,
         make: impl FnOnce(&Config, Arc<Metrics>, Arc<dyn DeliverySink>) -> Arc<dyn Backend>,
-    ) -> Arc<Self> {
+    ) -> Result<Arc<Self>, String> {
+        let auth = Authenticator::from_config(&config)?;
         let metrics = Arc::new(Metrics::new(&config.metrics_namespaces));
         let hub = Arc::new(Hub::new(&config, metrics.clone()));
         let backend = make(&config, metrics.clone(), hub.clone());
@@ -97,7 +120,7 @@ impl Broker {
             Arc::downgrade(&connections),
             config.max_buffered_bytes,
         )));
-        Arc::new_cyclic(|broker: &std::sync::Weak<Broker>| {
+        Ok(Arc::new_cyclic(|broker: &std::sync::Weak<Broker>| {
             let stat = |read: fn(NodeStats) -> usize| {
                 let broker = broker.clone();
                 move || broker.upgrade().map_or(0.0, |b| read(b.stats()) as f64)
@@ -127,13 +150,33 @@ impl Broker {
             ));
             Broker {
                 config,
+                auth,
                 metrics,
                 hub,
                 backend,
                 connections,
+                admissions: Admissions::default(),
                 shutting_down: AtomicBool::new(false),
             }
-        })
+        }))
+    }
+
+    pub(crate) fn auth(&self) -> &Authenticator {
+        &self.auth
+    }
+
+    /// Counts a refusal and words it.
+    fn refuse(&self, reason: Refused, code: ErrorCode, message: impl Into<String>) -> Refusal {
+        self.metrics.refused(reason);
+        Refusal::new(code, message)
+    }
+
+    fn forbidden(&self, what: &str, topic: &str) -> Refusal {
+        self.refuse(
+            Refused::Forbidden,
+            ErrorCode::Forbidden,
+            format!("not granted: {what} {topic:?}"),
+        )
     }
 
     pub(crate) fn config(&self) -> &Config {
@@ -174,26 +217,64 @@ impl Broker {
         Subject::parse(topic).map_err(|e| Refusal::new(ErrorCode::InvalidTopic, e.0))
     }
 
-    /// Publishes `data` on `topic`.
+    fn check_publish_grant(&self, identity: &Identity, topic: &str) -> Result<(), Refusal> {
+        if !identity.is_authenticated() {
+            return Err(self.unauthorized());
+        }
+        if !identity.grants.may_publish(topic) {
+            return Err(self.forbidden("publish to", topic));
+        }
+        Ok(())
+    }
+
+    fn unauthorized(&self) -> Refusal {
+        self.refuse(
+            Refused::Unauthorized,
+            ErrorCode::Unauthorized,
+            "authenticate first: send {\"op\":\"auth\",\"token\":...}",
+        )
+    }
+
+    /// Publishes `data` on `topic`. A refused publish consumes no seq.
     pub(crate) fn publish(
         &self,
+        from: Publisher<'_>,
         topic: &str,
         data: Data,
-        source: Source,
     ) -> Result<Accepted, Refusal> {
         self.check_topic(topic)?;
+        match from {
+            Publisher::Http(identity) => self.check_publish_grant(identity, topic)?,
+            Publisher::Connection(conn) => {
+                conn.with_identity(|identity| self.check_publish_grant(identity, topic))?
+            }
+        }
         self.check_size(&data)?;
-        Ok(self.publish_checked(topic, data, source))
+        if let Publisher::Connection(conn) = from
+            && !conn.may_publish_now()
+        {
+            return Err(self.refuse(
+                Refused::RateLimited,
+                ErrorCode::RateLimited,
+                format!(
+                    "over this connection's publish rate of {} messages a second",
+                    self.config.publish_rate
+                ),
+            ));
+        }
+        Ok(self.publish_checked(topic, data, from.source()))
     }
 
     /// Publishes every item, or none if any is refused.
     pub(crate) fn publish_batch(
         &self,
+        identity: &Identity,
         items: Vec<(String, Data)>,
-        source: Source,
     ) -> Result<Vec<(String, Accepted)>, Refusal> {
+        let source = Source::Http;
         for (i, (topic, data)) in items.iter().enumerate() {
             self.check_topic(topic)
+                .and_then(|()| self.check_publish_grant(identity, topic))
                 .and_then(|()| self.check_size(data))
                 .map_err(|e| Refusal::new(e.code, format!("item {i}: {}", e.message)))?;
         }
@@ -232,6 +313,7 @@ impl Broker {
         acknowledge: &mut dyn FnMut(&Subscribed),
     ) -> Result<(), Refusal> {
         let subject = self.subject(topic)?;
+        conn.with_identity(|identity| self.check_subscribe_grant(identity, &subject, topic))?;
         if matches!(subject, Subject::Pattern(_)) && matches!(options.replay, Replay::Since { .. })
         {
             return Err(Refusal::new(
@@ -252,6 +334,43 @@ impl Broker {
         Ok(())
     }
 
+    fn check_subscribe_grant(
+        &self,
+        identity: &Identity,
+        subject: &Subject,
+        topic: &str,
+    ) -> Result<(), Refusal> {
+        if !identity.is_authenticated() {
+            return Err(self.unauthorized());
+        }
+        if !identity.grants.may_subscribe(subject) {
+            return Err(self.forbidden("subscribe to", topic));
+        }
+        Ok(())
+    }
+
+    /// Gives `conn` a fresh identity (a new token): its grants replace the old ones, and the
+    /// subscriptions they no longer grant end. Returns those, for the client to be told.
+    pub(crate) fn reauthorize(&self, conn: &Connection, identity: Arc<Identity>) -> Vec<Subject> {
+        let ended: Vec<Subject> = conn.with_subscriptions(|subscriptions| {
+            let ended: Vec<Subject> = subscriptions
+                .iter()
+                .filter(|s| !identity.grants.may_subscribe(s))
+                .cloned()
+                .collect();
+            for subject in &ended {
+                subscriptions.remove(subject);
+            }
+            ended
+        });
+        conn.set_identity(identity);
+        for subject in &ended {
+            self.metrics.refused(Refused::Forbidden);
+            self.hub.unsubscribe(&*self.backend, conn.id, subject);
+        }
+        ended
+    }
+
     /// Ends `conn`'s subscription to `topic`; one it does not have is ignored.
     pub(crate) fn unsubscribe(&self, conn: &Connection, topic: &str) -> Result<(), Refusal> {
         let subject = self.subject(topic)?;
@@ -263,10 +382,15 @@ impl Broker {
 
     /// Checks the subscriptions a connection asks for in its upgrade request (`?subscribe=`,
     /// comma-separated) before it is accepted; returns them without repeats.
-    pub(crate) fn check_subscriptions(&self, list: &str) -> Result<Vec<String>, Refusal> {
+    pub(crate) fn check_subscriptions(
+        &self,
+        identity: &Identity,
+        list: &str,
+    ) -> Result<Vec<String>, Refusal> {
         let mut topics: Vec<String> = Vec::new();
         for topic in list.split(',').filter(|t| !t.is_empty()) {
-            self.check_subject(topic)?;
+            let subject = self.subject(topic)?;
+            self.check_subscribe_grant(identity, &subject, topic)?;
             // A subject is its text: equal texts are the same subscription.
             if !topics.iter().any(|t| t == topic) {
                 topics.push(topic.to_owned());
@@ -286,11 +410,15 @@ impl Broker {
     /// topic that does not exist.
     pub(crate) fn history(
         &self,
+        identity: &Identity,
         topic: &str,
         since: u64,
         limit: usize,
     ) -> Result<Option<HistoryPage>, Refusal> {
         self.check_topic(topic)?;
+        if !identity.grants.may_read(topic) {
+            return Err(self.forbidden("read the history of", topic));
+        }
         Ok(self
             .backend
             .history(topic, HistoryQuery::After { seq: since, limit }))
@@ -334,6 +462,20 @@ impl Broker {
         self.hub.sweep(now);
     }
 
+    /// Takes a place for a new connection from `ip` under `--max-connections` and
+    /// `--max-connections-per-ip`.
+    pub(crate) fn admit(&self, ip: Option<IpAddr>) -> Result<Admission, AdmissionLimit> {
+        let config = &self.config;
+        self.admissions
+            .admit(ip, config.max_connections, config.max_connections_per_ip)
+            .inspect_err(|limit| {
+                self.metrics.refused(match limit {
+                    AdmissionLimit::Total(_) => Refused::MaxConnections,
+                    AdmissionLimit::PerIp(_) => Refused::MaxConnectionsPerIp,
+                })
+            })
+    }
+
     /// Takes a new connection in.
     pub(crate) fn connect(&self, conn: Arc<Connection>) {
         self.connections.insert(conn);
@@ -349,6 +491,7 @@ impl Broker {
         }
         conn.queue.finish();
         self.connections.retire(conn);
+        conn.release_admission();
     }
 
     /// A snapshot of the open connections.
@@ -385,15 +528,32 @@ pub(crate) mod testing {
     use bytes::Bytes;
     use serde_json::Value;
 
-    /// A connection with a 1 MiB queue, not registered anywhere.
+    /// A connection with a 1 MiB queue, not registered anywhere, on an open broker.
     pub(crate) fn conn(encoding: Encoding) -> Arc<Connection> {
+        conn_as(encoding, open())
+    }
+
+    pub(crate) fn conn_as(encoding: Encoding, identity: Arc<Identity>) -> Arc<Connection> {
         let metrics = Arc::new(Metrics::new(&[]));
         Arc::new(Connection::new(
             None,
             encoding,
             OutboundQueue::new(1 << 20, SlowConsumerPolicy::DropOldest, metrics),
             None,
+            identity,
         ))
+    }
+
+    /// Everyone's identity on a broker without authentication.
+    pub(crate) fn open() -> Arc<Identity> {
+        Authenticator::from_config(&Config::default())
+            .expect("the default configuration")
+            .unauthenticated()
+    }
+
+    /// Publishes as an HTTP client would.
+    pub(crate) fn publish(broker: &Broker, topic: &str, data: Data) -> Result<Accepted, Refusal> {
+        broker.publish(Publisher::Http(&broker.auth.unauthenticated()), topic, data)
     }
 
     pub(crate) fn json(s: &str) -> Data {
@@ -416,9 +576,7 @@ pub(crate) mod testing {
         numbers: std::ops::RangeInclusive<u64>,
     ) {
         for i in numbers {
-            broker
-                .publish(topic, json(&i.to_string()), Source::Http)
-                .unwrap();
+            publish(broker, topic, json(&i.to_string())).unwrap();
         }
     }
 
@@ -473,7 +631,7 @@ mod tests {
     fn broker_with(adjust: impl FnOnce(&mut Config)) -> Arc<Broker> {
         let mut config = Config::default();
         adjust(&mut config);
-        Broker::new(config)
+        Broker::new(config).unwrap()
     }
 
     fn broker() -> Arc<Broker> {
@@ -502,23 +660,18 @@ mod tests {
             ErrorCode::InvalidTopic
         );
         assert_eq!(
-            broker
-                .publish("a.*", json("1"), Source::Ws)
-                .unwrap_err()
-                .code,
+            publish(&broker, "a.*", json("1")).unwrap_err().code,
             ErrorCode::InvalidTopic
         );
         assert_eq!(
-            broker
-                .publish("a", json(&"1".repeat(11)), Source::Ws)
-                .unwrap_err(),
+            publish(&broker, "a", json(&"1".repeat(11))).unwrap_err(),
             Refusal::new(
                 ErrorCode::PayloadTooLarge,
                 "data is 11 bytes; the limit is 10"
             )
         );
         assert_eq!(
-            broker.history("a..b", 0, 1).unwrap_err().code,
+            broker.history(&open(), "a..b", 0, 1).unwrap_err().code,
             ErrorCode::InvalidTopic
         );
         assert_eq!(
@@ -527,7 +680,7 @@ mod tests {
             "since needs an exact topic"
         );
         let batch = vec![("ok".into(), json("1")), ("not ok.".into(), json("2"))];
-        let refused = broker.publish_batch(batch, Source::Http).unwrap_err();
+        let refused = broker.publish_batch(&open(), batch).unwrap_err();
         assert_eq!(refused.code, ErrorCode::InvalidTopic);
         assert!(
             refused.message.starts_with("item 1: "),
@@ -549,15 +702,21 @@ mod tests {
         );
         assert_eq!(a.subscription_count(), 2);
         assert_eq!(
-            broker.check_subscriptions("a,b.*,a").unwrap(),
+            broker.check_subscriptions(&open(), "a,b.*,a").unwrap(),
             vec!["a".to_owned(), "b.*".to_owned()]
         );
         assert_eq!(
-            broker.check_subscriptions("a,b,c").unwrap_err().code,
+            broker
+                .check_subscriptions(&open(), "a,b,c")
+                .unwrap_err()
+                .code,
             ErrorCode::TooManySubscriptions
         );
         assert_eq!(
-            broker.check_subscriptions("a,b..c").unwrap_err().code,
+            broker
+                .check_subscriptions(&open(), "a,b..c")
+                .unwrap_err()
+                .code,
             ErrorCode::InvalidTopic
         );
     }
@@ -572,20 +731,8 @@ mod tests {
         assert_eq!((broker.connection_count(), broker.stats().patterns), (1, 1));
         broker.disconnect(&a);
         assert_eq!(broker.connection_count(), 0);
-        assert_eq!(
-            broker
-                .publish("t", json("1"), Source::Ws)
-                .unwrap()
-                .receivers,
-            0
-        );
-        assert_eq!(
-            broker
-                .publish("p.q", json("1"), Source::Ws)
-                .unwrap()
-                .receivers,
-            0
-        );
+        assert_eq!(publish(&broker, "t", json("1")).unwrap().receivers, 0);
+        assert_eq!(publish(&broker, "p.q", json("1")).unwrap().receivers, 0);
         let stats = broker.stats();
         assert_eq!((stats.topics_with_subscribers, stats.patterns), (0, 0));
         assert_eq!(a.subscription_count(), 0);
@@ -598,13 +745,13 @@ mod tests {
         subscribe(&broker, &a, "x.y", SubscribeOptions::default());
         subscribe(&broker, &a, "x.*", SubscribeOptions::default());
         subscribe(&broker, &b, "x.>", SubscribeOptions::default());
-        for (topic, data, source, expected) in [
-            ("x.y", "1", Source::Http, (1, 2)),
-            ("x.y", "2", Source::Http, (2, 2)),
-            ("x.z", "3", Source::Http, (1, 2)),
-            ("q", "4", Source::Ws, (1, 0)),
+        for (topic, data, expected) in [
+            ("x.y", "1", (1, 2)),
+            ("x.y", "2", (2, 2)),
+            ("x.z", "3", (1, 2)),
+            ("q", "4", (1, 0)),
         ] {
-            let accepted = broker.publish(topic, json(data), source).unwrap();
+            let accepted = publish(&broker, topic, json(data)).unwrap();
             assert_eq!(
                 (accepted.seq, accepted.receivers),
                 expected,
@@ -642,7 +789,7 @@ mod tests {
         let broker = broker_with(|c| c.history_size = 0);
         let a = conn(Encoding::Json);
         let first = subscribe(&broker, &a, "t", SubscribeOptions::default());
-        broker.publish("t", json("1"), Source::Ws).unwrap();
+        publish(&broker, "t", json("1")).unwrap();
         broker.unsubscribe(&a, "t").unwrap();
         broker.sweep(Instant::now());
         assert_eq!(
@@ -652,7 +799,7 @@ mod tests {
         );
         broker.sweep(Instant::now() + Duration::from_secs(301));
         assert!(broker.topics().is_empty());
-        assert_eq!(broker.publish("t", json("1"), Source::Ws).unwrap().seq, 1);
+        assert_eq!(publish(&broker, "t", json("1")).unwrap().seq, 1);
         let again = subscribe(&broker, &a, "t", SubscribeOptions::default());
         assert_ne!(
             first.stream.unwrap().epoch,
@@ -665,13 +812,13 @@ mod tests {
     fn history_keeps_the_last_n_messages() {
         let broker = broker_with(|c| c.history_size = 3);
         publish_numbers(&broker, "t", 1..=5);
-        let page = broker.history("t", 0, 100).unwrap().unwrap();
+        let page = broker.history(&open(), "t", 0, 100).unwrap().unwrap();
         assert_eq!((page.position.seq, page.oldest), (5, Some(3)));
         assert_eq!(
             page.publications.iter().map(|p| p.seq).collect::<Vec<_>>(),
             vec![3, 4, 5]
         );
-        let page = broker.history("t", 3, 1).unwrap().unwrap();
+        let page = broker.history(&open(), "t", 3, 1).unwrap().unwrap();
         assert_eq!(
             page.publications
                 .iter()
@@ -679,18 +826,18 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![(4, json("4"))]
         );
-        assert!(broker.history("nope", 0, 10).unwrap().is_none());
+        assert!(broker.history(&open(), "nope", 0, 10).unwrap().is_none());
     }
 
     #[test]
     fn history_expires_after_its_ttl() {
         let broker = broker_with(|c| c.history_ttl = Duration::from_millis(50));
-        broker.publish("t", json("1"), Source::Http).unwrap();
+        publish(&broker, "t", json("1")).unwrap();
         assert_eq!(broker.stats().history_messages, 1);
         std::thread::sleep(Duration::from_millis(60));
         assert!(
             broker
-                .history("t", 0, 10)
+                .history(&open(), "t", 0, 10)
                 .unwrap()
                 .unwrap()
                 .publications
@@ -714,7 +861,7 @@ mod tests {
             let a = conn(Encoding::Json);
             subscribe(broker, &a, ">", SubscribeOptions::default());
             for topic in topics {
-                broker.publish(topic, json(&data), Source::Http).unwrap();
+                publish(broker, topic, json(&data)).unwrap();
                 std::thread::sleep(Duration::from_millis(2));
             }
         };
@@ -729,7 +876,7 @@ mod tests {
         publish_all(&broker, &["old", "mid", "new", "old", "new"]);
         let held = |t: &str| {
             broker
-                .history(t, 0, 100)
+                .history(&open(), t, 0, 100)
                 .unwrap()
                 .unwrap()
                 .publications
@@ -765,7 +912,7 @@ mod tests {
         let b = conn(Encoding::Msgpack);
         let ack = subscribe(&broker, &b, "t", since(&epoch, 5));
         assert_eq!((ack.stream.unwrap().seq, ack.recovered), (8, Some(true)));
-        broker.publish("t", json("9"), Source::Http).unwrap();
+        publish(&broker, "t", json("9")).unwrap();
         assert_eq!(
             seqs(&received(&b)),
             vec![6, 7, 8, 9],
@@ -844,9 +991,7 @@ mod tests {
             vec![("metrics.cpu".into(), 3), ("metrics.mem".into(), 2)]
         );
         // The replay is over, the pattern delivers, and only once.
-        broker
-            .publish("metrics.cpu", json("4"), Source::Http)
-            .unwrap();
+        publish(&broker, "metrics.cpu", json("4")).unwrap();
         assert_eq!(seqs(&received(&dash)), vec![4]);
         assert_eq!(
             broker.stats().topics_with_subscribers,

@@ -1,6 +1,7 @@
 //! Every setting of the broker: a CLI flag with a `CRIER_*` environment twin and a default.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -110,6 +111,86 @@ pub struct Config {
     #[arg(long, env = "CRIER_METRICS_NAMESPACES", value_delimiter = ',')]
     pub metrics_namespaces: Vec<String>,
 
+    /// Secret for HS256 connection tokens (JWT). Prefer `--jwt-secret-file`: arguments are
+    /// visible to other users of the machine.
+    #[arg(long, env = "CRIER_JWT_SECRET", hide_env_values = true, conflicts_with_all = ["jwt_secret_file", "jwt_public_key"])]
+    pub jwt_secret: Option<String>,
+
+    /// File holding the HS256 secret for connection tokens (surrounding whitespace ignored).
+    #[arg(long, env = "CRIER_JWT_SECRET_FILE", conflicts_with = "jwt_public_key")]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// PEM public key for connection tokens: RS256 for an RSA key, ES256 for a P-256 key.
+    #[arg(long, env = "CRIER_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// When set, a token's `aud` must include this.
+    #[arg(long, env = "CRIER_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// When set, a token's `iss` must be this.
+    #[arg(long, env = "CRIER_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Clock skew tolerated on a token's `exp` and `nbf`: a token is valid until `exp` plus this.
+    #[arg(long, env = "CRIER_JWT_LEEWAY", default_value = "5s", value_parser = parse_duration)]
+    pub jwt_leeway: Duration,
+
+    /// A connection that opened without a token is closed with 4003 unless a valid `auth` frame
+    /// arrives within this.
+    #[arg(long, env = "CRIER_AUTH_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub auth_timeout: Duration,
+
+    /// Key that HTTP API clients (and backends over WebSocket) present as
+    /// `Authorization: Bearer <key>`; repeat the flag (or comma-separate the variable) for several.
+    #[arg(
+        long = "api-key",
+        env = "CRIER_API_KEY",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub api_keys: Vec<String>,
+
+    /// When set, `/metrics` needs `Authorization: Bearer <token>`.
+    #[arg(long, env = "CRIER_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+
+    /// Origins (`scheme://host[:port]`) whose pages may open WebSockets, comma-separated; `*` for
+    /// any. A page's own origin (the `Host` it connects to) is always allowed, and clients that
+    /// send no `Origin` (non-browsers) are not affected.
+    #[arg(long, env = "CRIER_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// PEM certificate chain: with `--tls-key`, serves `wss://` and `https://` only.
+    #[arg(long, env = "CRIER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "CRIER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Most WebSocket connections open at once; more are refused with 503 (0: no limit).
+    #[arg(long, env = "CRIER_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// Most WebSocket connections open at once from one IP address; more are refused with 429
+    /// (0: no limit).
+    #[arg(long, env = "CRIER_MAX_CONNECTIONS_PER_IP", default_value_t = 1000)]
+    pub max_connections_per_ip: usize,
+
+    /// A client must finish its TLS handshake and send its request head within this, or it is dropped.
+    #[arg(long, env = "CRIER_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Per connection: messages a client may publish per second, in bursts of as many (0: no limit).
+    /// Past it, publishes are refused with `rate_limited`.
+    #[arg(long, env = "CRIER_PUBLISH_RATE", default_value_t = 0)]
+    pub publish_rate: u32,
+
+    /// A connection that sends this many bad frames within a minute is closed with 1008 (0: never).
+    #[arg(long, env = "CRIER_MAX_BAD_FRAMES", default_value_t = 100)]
+    pub max_bad_frames: usize,
+
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info` or `crier=debug`).
     #[arg(long, env = "CRIER_LOG", default_value = "info")]
     pub log: String,
@@ -133,6 +214,8 @@ impl Config {
             ("--ping-interval", self.ping_interval.as_millis()),
             ("--idle-timeout", self.idle_timeout.as_millis()),
             ("--write-timeout", self.write_timeout.as_millis()),
+            ("--auth-timeout", self.auth_timeout.as_millis()),
+            ("--handshake-timeout", self.handshake_timeout.as_millis()),
         ];
         for (flag, value) in positive {
             if value == 0 {
@@ -149,6 +232,19 @@ impl Config {
                 .ok_or_else(|| {
                     format!("--metrics-namespaces: {ns:?} is not a topic's first segment")
                 })?;
+        }
+        if self.api_keys.iter().any(|k| k.is_empty()) {
+            return Err("--api-key must not be empty".into());
+        }
+        if self.metrics_token.as_deref() == Some("") {
+            return Err("--metrics-token must not be empty".into());
+        }
+        for origin in &self.allowed_origins {
+            if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
+                return Err(format!(
+                    "--allowed-origins: {origin:?} is not an origin (scheme://host[:port]) or *"
+                ));
+            }
         }
         if self.workers == Some(0) {
             return Err("--workers must be at least 1".into());

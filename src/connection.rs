@@ -1,5 +1,5 @@
-//! One WebSocket connection as every part of the broker shares it: its identity, its outbound
-//! queue, its subscriptions and its socket.
+//! One WebSocket connection as every part of the broker shares it: its identity and what it is
+//! granted, its outbound queue, its subscriptions, its publish rate and its socket.
 //!
 //! Publishers push encoded frames straight into the connection's bounded [`OutboundQueue`], from
 //! whatever thread they run on; the connection's actor (`crate::actor`) owns its lifecycle.
@@ -10,8 +10,13 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::SystemTime;
 
-use parking_lot::Mutex;
+use std::sync::Arc;
 
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use parking_lot::{Mutex, RwLock};
+
+use crate::admission::Admission;
+use crate::auth::Identity;
 use crate::model::{ConnectionId, Encoding};
 use crate::queue::OutboundQueue;
 use crate::topic::Subject;
@@ -30,6 +35,12 @@ pub(crate) struct Connection {
     subscription_count: AtomicUsize,
     /// The socket's descriptor while the response body (and so the socket) is alive.
     socket: Mutex<Option<RawFd>>,
+    /// Who the client is; replaced when it sends a fresh token.
+    identity: RwLock<Arc<Identity>>,
+    /// `--publish-rate`, when set.
+    publish_rate: Option<DefaultDirectRateLimiter>,
+    /// Its place under the connection limits, given back when it disconnects.
+    admission: Mutex<Option<Admission>>,
 }
 
 impl Connection {
@@ -38,6 +49,7 @@ impl Connection {
         encoding: Encoding,
         queue: OutboundQueue,
         socket: Option<RawFd>,
+        identity: Arc<Identity>,
     ) -> Self {
         Connection {
             id: ConnectionId(fastrand::u64(..)),
@@ -49,7 +61,48 @@ impl Connection {
             subscriptions: Mutex::new(HashSet::new()),
             subscription_count: AtomicUsize::new(0),
             socket: Mutex::new(socket),
+            identity: RwLock::new(identity),
+            publish_rate: None,
+            admission: Mutex::new(None),
         }
+    }
+
+    /// Limits how fast the client may publish: `per_second` messages a second, in bursts of as
+    /// many (0: no limit).
+    pub(crate) fn with_publish_rate(mut self, per_second: u32) -> Self {
+        self.publish_rate = std::num::NonZeroU32::new(per_second)
+            .map(|n| RateLimiter::direct(Quota::per_second(n)));
+        self
+    }
+
+    pub(crate) fn with_admission(self, admission: Admission) -> Self {
+        *self.admission.lock() = Some(admission);
+        self
+    }
+
+    /// Gives the connection's place under the connection limits back.
+    pub(crate) fn release_admission(&self) {
+        self.admission.lock().take();
+    }
+
+    pub(crate) fn identity(&self) -> Arc<Identity> {
+        self.identity.read().clone()
+    }
+
+    /// Runs `f` on the identity without cloning it (identities are shared by many connections).
+    pub(crate) fn with_identity<R>(&self, f: impl FnOnce(&Identity) -> R) -> R {
+        f(&self.identity.read())
+    }
+
+    pub(crate) fn set_identity(&self, identity: Arc<Identity>) {
+        *self.identity.write() = identity;
+    }
+
+    /// Takes one publish from the rate allowance; false when over it.
+    pub(crate) fn may_publish_now(&self) -> bool {
+        self.publish_rate
+            .as_ref()
+            .is_none_or(|limiter| limiter.check().is_ok())
     }
 
     /// Lets WebSocket messages carry several frames.

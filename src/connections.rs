@@ -272,7 +272,13 @@ mod tests {
             if buffered > 0 {
                 queue.push_message(Bytes::from(vec![0u8; buffered]), ns, Instant::now());
             }
-            table.insert(Arc::new(Connection::new(None, encoding, queue, None)));
+            table.insert(Arc::new(Connection::new(
+                None,
+                encoding,
+                queue,
+                None,
+                crate::broker::testing::open(),
+            )));
         }
         let families = ConnectionCollector::new(Arc::downgrade(&table), 8192).collect();
         let find = |name: &str| families.iter().find(|f| f.name() == name).unwrap();

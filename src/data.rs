@@ -3,16 +3,19 @@
 //! Data is validated once when it arrives and kept in its publisher's encoding. It is rendered
 //! into the other encoding only when a subscriber of that encoding needs it. MessagePack values
 //! JSON has no word for are mapped as `proto/README.md` says: `bin` becomes a base64 string,
-//! `ext` becomes `{"ext": type, "data": "<base64>"}`, map keys that are not strings become their
-//! JSON text, and non-finite floats become `null`.
+//! map keys that are not strings become their JSON text, and non-finite floats become `null`.
+//! MessagePack's reserved byte (0xc1), extension types, and strings that are not UTF-8 are
+//! invalid data, as is a value of either encoding nested deeper than [`MAX_DEPTH`] levels.
 
 use base64::Engine as _;
 use bytes::Bytes;
 use rmpv::ValueRef;
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 
-/// How deeply nested a MessagePack value may be (serde_json's own limit for JSON is 128).
-const MAX_MSGPACK_DEPTH: usize = 128;
+/// How deeply arrays and maps may nest in data of either encoding: under serde_json's own
+/// limit (127), so that data of either encoding can always be rendered in the other.
+pub(crate) const MAX_DEPTH: usize = 100;
+const MAX_MSGPACK_DEPTH: usize = MAX_DEPTH;
 
 /// One message's data, valid in the encoding it is held in.
 #[derive(Clone, Debug, PartialEq)]
@@ -34,6 +37,13 @@ impl Data {
     pub(crate) fn from_json(bytes: Bytes) -> Result<Data, InvalidData> {
         serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
             .map_err(|e| InvalidData(format!("data is not valid JSON: {e}")))?;
+        Data::from_parsed_json(bytes)
+    }
+
+    /// Data from the text of a JSON value a parser has already read (a frame's `data`):
+    /// checked for depth, without line breaks.
+    pub(crate) fn from_parsed_json(bytes: Bytes) -> Result<Data, InvalidData> {
+        check_json_depth(&bytes)?;
         if bytes.iter().any(|&b| b == b'\n' || b == b'\r') {
             let one_line: Vec<u8> = bytes
                 .iter()
@@ -45,23 +55,18 @@ impl Data {
         Ok(Data::Json(bytes))
     }
 
-    /// Data from MessagePack bytes, checked to be exactly one MessagePack value and re-encoded,
-    /// so that subscribers get well-formed bytes (the decoder reads the reserved marker 0xc1 as
-    /// nil, for one).
+    /// Data from MessagePack bytes, checked to be exactly one valid MessagePack value and kept
+    /// as they came.
     pub(crate) fn from_msgpack(bytes: Bytes) -> Result<Data, InvalidData> {
-        let mut rest = &bytes[..];
-        let value = rmpv::decode::read_value_ref_with_max_depth(&mut rest, MAX_MSGPACK_DEPTH)
-            .map_err(|e| InvalidData(format!("data is not valid MessagePack: {e}")))?;
-        if !rest.is_empty() {
+        let len = msgpack_value_len(&bytes)
+            .map_err(|e| InvalidData(format!("data is not valid MessagePack: {}", e.0)))?;
+        if len < bytes.len() {
             return Err(InvalidData(format!(
                 "data has {} bytes after its MessagePack value",
-                rest.len()
+                bytes.len() - len
             )));
         }
-        let mut out = Vec::with_capacity(bytes.len());
-        // Writing into a Vec cannot fail.
-        let _ = rmpv::encode::write_value_ref(&mut out, &value);
-        Ok(Data::Msgpack(out.into()))
+        Ok(Data::Msgpack(bytes))
     }
 
     /// Data already parsed out of a MessagePack frame.
@@ -125,6 +130,112 @@ impl Data {
             .ok()
             .and_then(|s| serde_json::value::RawValue::from_string(s).ok())
             .unwrap_or_else(|| serde_json::value::RawValue::NULL.to_owned())
+    }
+}
+
+/// Refuses JSON whose arrays and objects nest deeper than [`MAX_DEPTH`]: serde_json skips over
+/// a value it need not build without a depth limit, and a subscriber of the other encoding
+/// could never be given such data.
+pub(crate) fn check_json_depth(bytes: &[u8]) -> Result<(), InvalidData> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(InvalidData(format!(
+                        "data is nested deeper than {MAX_DEPTH} levels"
+                    )));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The length of the one MessagePack value `bytes` starts with, checked without building it:
+/// every marker known and not reserved, no extension types, strings UTF-8, nothing truncated,
+/// arrays and maps nested at most [`MAX_DEPTH`] deep.
+pub(crate) fn msgpack_value_len(bytes: &[u8]) -> Result<usize, InvalidData> {
+    let truncated = || InvalidData("it ends inside a value".into());
+    let mut pos = 0usize;
+    // Items still to read in each enclosing array or map, innermost last.
+    let mut open: Vec<u64> = Vec::new();
+    let mut remaining: u64 = 1;
+    loop {
+        while remaining == 0 {
+            match open.pop() {
+                Some(outer) => remaining = outer,
+                None => return Ok(pos),
+            }
+        }
+        remaining -= 1;
+        let marker = *bytes.get(pos).ok_or_else(truncated)?;
+        pos += 1;
+        let mut take = |n: usize| -> Result<u64, InvalidData> {
+            let field = bytes.get(pos..pos + n).ok_or_else(truncated)?;
+            pos += n;
+            Ok(field.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
+        };
+        // (bytes of payload to skip, items it contains, whether the payload is a str)
+        let (skip, items, is_str) = match marker {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, 0, false),
+            0x80..=0x8f => (0, 2 * u64::from(marker & 0x0f), false),
+            0x90..=0x9f => (0, u64::from(marker & 0x0f), false),
+            0xa0..=0xbf => (u64::from(marker & 0x1f), 0, true),
+            0xc1 => return Err(InvalidData("it uses the reserved byte 0xc1".into())),
+            0xc4 => (take(1)?, 0, false),
+            0xc5 => (take(2)?, 0, false),
+            0xc6 => (take(4)?, 0, false),
+            0xc7..=0xc9 | 0xd4..=0xd8 => {
+                return Err(InvalidData("extension types are not accepted".into()));
+            }
+            0xca | 0xce | 0xd2 => (4, 0, false),
+            0xcb | 0xcf | 0xd3 => (8, 0, false),
+            0xcc | 0xd0 => (1, 0, false),
+            0xcd | 0xd1 => (2, 0, false),
+            0xd9 => (take(1)?, 0, true),
+            0xda => (take(2)?, 0, true),
+            0xdb => (take(4)?, 0, true),
+            0xdc => (0, take(2)?, false),
+            0xdd => (0, take(4)?, false),
+            0xde => (0, 2 * take(2)?, false),
+            0xdf => (0, 2 * take(4)?, false),
+        };
+        let end = usize::try_from(skip)
+            .ok()
+            .and_then(|skip| pos.checked_add(skip))
+            .filter(|&end| end <= bytes.len())
+            .ok_or_else(truncated)?;
+        if is_str && std::str::from_utf8(&bytes[pos..end]).is_err() {
+            return Err(InvalidData("a string is not UTF-8".into()));
+        }
+        pos = end;
+        if items > 0 {
+            // Each item takes at least a byte: a count past the end is a lie, found at once.
+            if items > (bytes.len() - pos) as u64 {
+                return Err(truncated());
+            }
+            if open.len() >= MAX_DEPTH {
+                return Err(InvalidData(format!(
+                    "it is nested deeper than {MAX_DEPTH} levels"
+                )));
+            }
+            open.push(remaining);
+            remaining = items;
+        }
     }
 }
 
@@ -249,13 +360,12 @@ mod tests {
         let value = Value::Map(vec![
             (Value::from("bin"), Value::Binary(vec![0, 1, 2, 255])),
             (Value::from(7), Value::from("seven")),
-            (Value::from("ext"), Value::Ext(5, vec![9, 9])),
             (Value::from("nan"), Value::F64(f64::NAN)),
         ]);
         let json: serde_json::Value = serde_json::from_str(&as_json(&msgpack(&value))).unwrap();
         assert_eq!(
             json,
-            serde_json::json!({"bin": "AAEC/w==", "7": "seven", "ext": {"ext": 5, "data": "CQk="}, "nan": null})
+            serde_json::json!({"bin": "AAEC/w==", "7": "seven", "nan": null})
         );
     }
 
@@ -266,13 +376,44 @@ mod tests {
         assert!(Data::from_json(Bytes::from_static(b"")).is_err());
         assert!(Data::from_msgpack(Bytes::from_static(&[0x92, 0x01])).is_err());
         assert!(Data::from_msgpack(Bytes::from_static(&[0x01, 0x02])).is_err());
-        let reserved = Data::from_msgpack(Bytes::from_static(&[0xc1])).unwrap();
-        assert_eq!(
-            reserved,
-            Data::Msgpack(Bytes::from_static(&[0xc0])),
-            "re-encoded as nil"
-        );
-        let deep = [vec![0x91u8; 200], vec![0xc0]].concat();
+        for bad in [
+            &[0xc1][..],
+            &[0x91, 0xc1],
+            &[0xd4, 0x01, 0x02],
+            &[0xc7, 0x01, 0x05, 0x00],
+            &[0xa2, 0xff, 0xfe],
+            &[0xdd, 0xff, 0xff, 0xff, 0xff],
+            &[0xc6, 0xff, 0xff, 0xff, 0xff, 0x00],
+            &[0xcb, 0x00],
+        ] {
+            assert!(
+                Data::from_msgpack(Bytes::copy_from_slice(bad)).is_err(),
+                "{bad:02x?}"
+            );
+        }
+        let deep = [vec![0x91u8; 101], vec![0xc0]].concat();
         assert!(Data::from_msgpack(Bytes::from(deep)).is_err());
+        let deep = "[".repeat(100_000);
+        assert!(Data::from_json(Bytes::from(deep)).is_err());
+        let fine = format!("{}\"[[[\"{}", "[".repeat(100), "]".repeat(100));
+        assert!(Data::from_json(Bytes::from(fine)).is_ok());
+    }
+
+    #[test]
+    fn valid_msgpack_is_measured_exactly() {
+        let value = Value::Map(vec![
+            (
+                Value::from("a"),
+                Value::Array(vec![Value::from(1), Value::F64(2.5)]),
+            ),
+            (Value::from("b"), Value::Binary(vec![0; 300])),
+            (Value::from("c"), Value::from("x".repeat(70_000))),
+            (Value::from(-5), Value::from(u64::MAX)),
+        ]);
+        let mut bytes = Vec::new();
+        rmpv::encode::write_value(&mut bytes, &value).unwrap();
+        assert_eq!(msgpack_value_len(&bytes).unwrap(), bytes.len());
+        bytes.push(0xc0);
+        assert_eq!(msgpack_value_len(&bytes).unwrap(), bytes.len() - 1);
     }
 }

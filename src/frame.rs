@@ -13,7 +13,7 @@ use actix_http::ws::OpCode;
 use bytes::Bytes;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::data::Data;
+use crate::data::{Data, msgpack_value_len};
 use crate::model::{DeliveryMode, Encoding, ErrorCode, Replay, SubscribeOptions};
 
 /// The WebSocket subprotocol that selects `encoding`.
@@ -74,11 +74,29 @@ impl CloseCode {
         reason: "message too big",
         metric: "protocol_error",
     };
+    /// Too many bad frames in a minute (`--max-bad-frames`).
+    pub(crate) const POLICY_VIOLATION: CloseCode = CloseCode {
+        code: 1008,
+        reason: "too many bad frames",
+        metric: "bad_frames",
+    };
     /// Nothing (not even a pong) came from the client within the idle timeout.
     pub(crate) const IDLE_TIMEOUT: CloseCode = CloseCode {
         code: 4001,
         reason: "idle timeout",
         metric: "idle_timeout",
+    };
+    /// The connection's token expired and no fresh one came with `auth`.
+    pub(crate) const TOKEN_EXPIRED: CloseCode = CloseCode {
+        code: 4002,
+        reason: "token expired",
+        metric: "token_expired",
+    };
+    /// No valid token came within `--auth-timeout`.
+    pub(crate) const AUTH_REQUIRED: CloseCode = CloseCode {
+        code: 4003,
+        reason: "authentication required",
+        metric: "auth_timeout",
     };
     /// The client could not keep up with its messages.
     pub(crate) const SLOW_CONSUMER: CloseCode = CloseCode {
@@ -142,6 +160,10 @@ pub(crate) enum Op {
         data: Data,
     },
     Ping,
+    /// A connection token, to authenticate or to replace the one the connection has.
+    Auth {
+        token: String,
+    },
 }
 
 /// A client frame that could not be served, answered with an `error` frame.
@@ -200,6 +222,8 @@ struct RawFrame<D> {
     mode: Option<String>,
     #[serde(default)]
     max_rate: Option<f64>,
+    #[serde(default)]
+    token: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -210,16 +234,24 @@ struct RawSince {
 
 impl<D> RawFrame<D> {
     fn map_data(self, f: impl FnOnce(D) -> Data) -> RawFrame<Data> {
-        RawFrame {
+        match self.try_map_data(|d| Ok::<_, std::convert::Infallible>(f(d))) {
+            Ok(frame) => frame,
+            Err(never) => match never {},
+        }
+    }
+
+    fn try_map_data<E>(self, f: impl FnOnce(D) -> Result<Data, E>) -> Result<RawFrame<Data>, E> {
+        Ok(RawFrame {
             op: self.op,
             id: self.id,
             topic: self.topic,
-            data: self.data.map(f),
+            data: self.data.map(f).transpose()?,
             since: self.since,
             rewind: self.rewind,
             mode: self.mode,
             max_rate: self.max_rate,
-        }
+            token: self.token,
+        })
     }
 }
 
@@ -245,7 +277,13 @@ pub(crate) fn parse_json(text: &str) -> Result<Request, FrameError> {
     }
     match serde_json::from_str::<RawFrame<&serde_json::value::RawValue>>(text) {
         Ok(raw) => {
-            validate(raw.map_data(|d| Data::Json(Bytes::copy_from_slice(d.get().as_bytes()))))
+            let id = raw.id.clone();
+            let raw = raw
+                .try_map_data(|d| {
+                    Data::from_parsed_json(Bytes::copy_from_slice(d.get().as_bytes()))
+                })
+                .map_err(|e| FrameError::new(id, ErrorCode::BadFrame, e.0))?;
+            validate(raw)
         }
         Err(e) => {
             let id = serde_json::from_str::<IdOnly>(text).ok().and_then(|f| f.id);
@@ -266,6 +304,23 @@ pub(crate) fn parse_msgpack(bytes: &[u8]) -> Result<Request, FrameError> {
             None,
             ErrorCode::BadFrame,
             "a frame must be a MessagePack map",
+        ));
+    }
+    let checked = match msgpack_value_len(bytes) {
+        Ok(len) if len < bytes.len() => {
+            Err(format!("{} bytes after the frame's map", bytes.len() - len))
+        }
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.0),
+    };
+    if let Err(e) = checked {
+        let id = rmp_serde::from_slice::<IdOnly>(bytes)
+            .ok()
+            .and_then(|f| f.id);
+        return Err(FrameError::new(
+            id,
+            ErrorCode::BadFrame,
+            format!("bad frame: not valid MessagePack: {e}"),
         ));
     }
     match rmp_serde::from_slice::<RawFrame<rmpv::Value>>(bytes) {
@@ -289,6 +344,7 @@ fn validate(raw: RawFrame<Data>) -> Result<Request, FrameError> {
         id,
         topic,
         data,
+        token,
         ..
     } = raw;
     let bad = |message: String| FrameError::new(id.clone(), ErrorCode::BadFrame, message);
@@ -312,12 +368,17 @@ fn validate(raw: RawFrame<Data>) -> Result<Request, FrameError> {
             Op::Publish { topic, data }
         }
         "ping" => Op::Ping,
+        "auth" => Op::Auth {
+            token: token.ok_or_else(|| bad("auth needs a token".into()))?,
+        },
         other => {
             let shown: String = other.chars().take(64).collect();
             return Err(FrameError::new(
                 id,
                 ErrorCode::UnknownOp,
-                format!("unknown op {shown:?}; expected subscribe, unsubscribe, publish or ping"),
+                format!(
+                    "unknown op {shown:?}; expected subscribe, unsubscribe, publish, ping or auth"
+                ),
             ));
         }
     };
@@ -374,6 +435,12 @@ pub(crate) struct Limits {
     pub slow_consumer: &'static str,
     pub ping_interval_ms: u64,
     pub idle_timeout_ms: u64,
+    /// Publishes a second allowed per connection (0: no limit).
+    pub publish_rate: u32,
+    /// Bad frames in a minute that close the connection with 1008 (0: never).
+    pub max_bad_frames: usize,
+    /// How long an unauthenticated connection has to send `auth`.
+    pub auth_timeout_ms: u64,
 }
 
 /// Server frames other than `message` (which has its own fast path).
@@ -387,6 +454,14 @@ pub(crate) enum ServerFrame<'a> {
         limits: &'a Limits,
         /// Whether a WebSocket message may carry several frames (`?batch=1`).
         batch: bool,
+        /// False when the connection must send `auth` before anything else.
+        authenticated: bool,
+        /// The token's `sub`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user: Option<&'a str>,
+        /// When the token expires (Unix seconds, leeway included): send a fresh one before.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expires_at: Option<u64>,
     },
     Ack {
         id: &'a FrameId,
@@ -409,6 +484,9 @@ pub(crate) enum ServerFrame<'a> {
         id: Option<&'a FrameId>,
         code: &'static str,
         message: &'a str,
+        /// The subscription the error ended (a fresh token no longer grants it).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        topic: Option<&'a str>,
     },
 }
 

@@ -21,7 +21,9 @@
 extern crate self as crier;
 
 mod actor;
+mod admission;
 mod api;
+mod auth;
 mod backend;
 mod broker;
 mod config;
@@ -29,6 +31,9 @@ mod connection;
 mod connections;
 mod data;
 mod frame;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod hub;
 mod metrics;
 mod model;

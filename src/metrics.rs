@@ -80,14 +80,69 @@ impl EvictReason {
     }
 }
 
+/// Why the broker turned something away at a limit or a permission check, as counted in
+/// `crier_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// A handshake past `--max-connections` (503).
+    MaxConnections,
+    /// A handshake past `--max-connections-per-ip` (429).
+    MaxConnectionsPerIp,
+    /// A handshake from an origin not in `--allowed-origins` (403).
+    Origin,
+    /// A token or key that does not verify, at the handshake, in `auth` or over HTTP.
+    InvalidToken,
+    /// A request without the credentials it needs.
+    Unauthorized,
+    /// A subscribe, publish or read the credentials do not grant.
+    Forbidden,
+    /// A publish over `--publish-rate`.
+    RateLimited,
+    /// A connection closed for sending `--max-bad-frames` bad frames in a minute.
+    BadFrames,
+    /// A connection closed for not authenticating within `--auth-timeout`.
+    AuthTimeout,
+}
+
+impl Refused {
+    const ALL: [Refused; 9] = [
+        Refused::MaxConnections,
+        Refused::MaxConnectionsPerIp,
+        Refused::Origin,
+        Refused::InvalidToken,
+        Refused::Unauthorized,
+        Refused::Forbidden,
+        Refused::RateLimited,
+        Refused::BadFrames,
+        Refused::AuthTimeout,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Refused::MaxConnections => "max_connections",
+            Refused::MaxConnectionsPerIp => "max_connections_per_ip",
+            Refused::Origin => "origin",
+            Refused::InvalidToken => "invalid_token",
+            Refused::Unauthorized => "unauthorized",
+            Refused::Forbidden => "forbidden",
+            Refused::RateLimited => "rate_limited",
+            Refused::BadFrames => "bad_frames",
+            Refused::AuthTimeout => "auth_timeout",
+        }
+    }
+}
+
 /// Reasons a connection closes, as counted in `crier_connections_closed_total`.
-pub(crate) const CLOSE_REASONS: [&str; 6] = [
+pub(crate) const CLOSE_REASONS: [&str; 9] = [
     "client",
     "abnormal",
     "slow_consumer",
     "idle_timeout",
     "protocol_error",
     "shutdown",
+    "bad_frames",
+    "token_expired",
+    "auth_timeout",
 ];
 
 /// A topic namespace's index in the counters: one per `--metrics-namespaces` entry, then `other`.
@@ -189,6 +244,7 @@ pub(crate) struct Metrics {
     http_requests: IntCounterVec,
     fanout_seconds: Histogram,
     history_evicted: [IntCounter; EvictReason::ALL.len()],
+    refused: [IntCounter; Refused::ALL.len()],
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -341,6 +397,17 @@ impl Metrics {
             EvictReason::ALL.map(|r| evicted_vec.with_label_values(&[r.as_str()]));
         reg(Box::new(evicted_vec));
 
+        let refused_vec = IntCounterVec::new(
+            opts(
+                "crier_refused_total",
+                "Requests and connections turned away at a limit or a permission check, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let refused = Refused::ALL.map(|r| refused_vec.with_label_values(&[r.as_str()]));
+        reg(Box::new(refused_vec));
+
         reg(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ));
@@ -363,6 +430,7 @@ impl Metrics {
             http_requests,
             fanout_seconds,
             history_evicted,
+            refused,
         }
     }
 
@@ -413,6 +481,10 @@ impl Metrics {
 
     pub(crate) fn error_sent(&self, code: ErrorCode) {
         self.errors[code as usize].inc();
+    }
+
+    pub(crate) fn refused(&self, reason: Refused) {
+        self.refused[reason as usize].inc();
     }
 
     pub(crate) fn http_request(&self, route: &str, status: u16) {

@@ -62,16 +62,28 @@ pub(crate) enum ErrorCode {
     InvalidTopic,
     PayloadTooLarge,
     TooManySubscriptions,
+    /// The connection has not authenticated yet: only `auth` is served.
+    Unauthorized,
+    /// The credentials do not grant this.
+    Forbidden,
+    /// A token that is malformed, wrongly signed, expired or not yet valid.
+    InvalidToken,
+    /// Over the connection's publish rate.
+    RateLimited,
 }
 
 impl ErrorCode {
     /// In declaration order, so that `code as usize` indexes it.
-    pub(crate) const ALL: [ErrorCode; 5] = [
+    pub(crate) const ALL: [ErrorCode; 9] = [
         ErrorCode::BadFrame,
         ErrorCode::UnknownOp,
         ErrorCode::InvalidTopic,
         ErrorCode::PayloadTooLarge,
         ErrorCode::TooManySubscriptions,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::InvalidToken,
+        ErrorCode::RateLimited,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -81,6 +93,10 @@ impl ErrorCode {
             ErrorCode::InvalidTopic => "invalid_topic",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 }

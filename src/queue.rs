@@ -85,6 +85,8 @@ pub(crate) struct OutboundQueue {
     policy: SlowConsumerPolicy,
     stats: QueueStats,
     metrics: Arc<Metrics>,
+    /// Signalled when closing begins, for the watcher that tears down a socket taking nothing.
+    closing: tokio::sync::Notify,
 }
 
 struct QueueState {
@@ -165,6 +167,8 @@ pub(crate) struct QueueHealth {
     pub stalled_for: Option<Duration>,
     /// How long ago closing began, if it has.
     pub closing_for: Option<Duration>,
+    /// While closing: how long the socket has taken nothing since closing began.
+    pub closing_idle_for: Option<Duration>,
     /// The body has ended: the connection is over.
     pub finished: bool,
 }
@@ -202,7 +206,13 @@ impl OutboundQueue {
             policy,
             stats: QueueStats::default(),
             metrics,
+            closing: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Resolves once the connection has started closing (at once if it already has).
+    pub(crate) async fn closing_started(&self) {
+        self.closing.notified().await;
     }
 
     pub(crate) fn stats(&self) -> &QueueStats {
@@ -444,6 +454,12 @@ impl OutboundQueue {
                 Phase::Closing { since, .. } => Some(now.saturating_duration_since(since)),
                 _ => None,
             },
+            closing_idle_for: match st.phase {
+                Phase::Closing { since, .. } => {
+                    Some(now.saturating_duration_since(since.max(st.progress_at)))
+                }
+                _ => None,
+            },
             finished: st.phase == Phase::Finished,
         }
     }
@@ -549,6 +565,8 @@ impl OutboundQueue {
             close_sent: false,
             peer_closed: false,
         };
+        // Stores a permit if the watcher is not waiting yet.
+        self.closing.notify_one();
         self.enqueue(
             st,
             frame::close_frame(code.code, code.reason),

@@ -44,7 +44,9 @@ impl Server {
         config
             .validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        Server::bind_broker(Broker::new(config))
+        let broker =
+            Broker::new(config).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        Server::bind_broker(broker)
     }
 
     /// Binds the listening socket for a broker already built (with whichever backend).
@@ -69,7 +71,15 @@ impl Server {
         if let Some(workers) = config.workers {
             http = http.workers(workers);
         }
-        let http = http.bind(config.listen)?;
+        // A client must finish its TLS handshake and send its request head in time: a
+        // connection that trickles bytes (or none) is dropped rather than held.
+        http = http
+            .client_request_timeout(config.handshake_timeout)
+            .tls_handshake_timeout(config.handshake_timeout);
+        let http = match tls_config(config)? {
+            Some(tls) => http.bind_rustls_0_23(config.listen, tls)?,
+            None => http.bind(config.listen)?,
+        };
         let addr = *http
             .addrs()
             .first()
@@ -111,11 +121,21 @@ impl Server {
             shutdown,
             signals,
         } = self;
+        let (ws, http_scheme) = if broker.config().tls_cert.is_some() {
+            ("wss", "https")
+        } else {
+            ("ws", "http")
+        };
         tracing::info!(
             backend = broker.backend_name(),
-            "crier {} listening: WebSocket ws://{addr}/ws, HTTP API http://{addr}/api, metrics http://{addr}/metrics",
+            "crier {} listening: WebSocket {ws}://{addr}/ws, HTTP API {http_scheme}://{addr}/api, metrics {http_scheme}://{addr}/metrics",
             env!("CARGO_PKG_VERSION")
         );
+        if !broker.auth().required() {
+            tracing::warn!(
+                "no --jwt-secret, --jwt-public-key or --api-key: Crier runs open, and anyone who can reach {addr} may subscribe and publish to every topic"
+            );
+        }
         let handle = http.handle();
         let mut serving = actix_web::rt::spawn(http);
         let housekeeping = actix_web::rt::spawn(housekeeping(broker.clone()));
@@ -156,6 +176,44 @@ impl Server {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// The rustls configuration for `--tls-cert` and `--tls-key`, if they are set.
+fn tls_config(config: &Config) -> io::Result<Option<rustls::ServerConfig>> {
+    let (Some(cert_path), Some(key_path)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(None);
+    };
+    let invalid = |what: &str, path: &std::path::Path, e: &dyn std::fmt::Display| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what} {}: {e}", path.display()),
+        )
+    };
+    let certs = rustls_pemfile::certs(&mut io::BufReader::new(
+        std::fs::File::open(cert_path).map_err(|e| invalid("--tls-cert", cert_path, &e))?,
+    ))
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(|e| invalid("--tls-cert", cert_path, &e))?;
+    if certs.is_empty() {
+        return Err(invalid(
+            "--tls-cert",
+            cert_path,
+            &"no PEM certificate in it",
+        ));
+    }
+    let key = rustls_pemfile::private_key(&mut io::BufReader::new(
+        std::fs::File::open(key_path).map_err(|e| invalid("--tls-key", key_path, &e))?,
+    ))
+    .map_err(|e| invalid("--tls-key", key_path, &e))?
+    .ok_or_else(|| invalid("--tls-key", key_path, &"no PEM private key in it"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(io::Error::other)?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| invalid("--tls-key", key_path, &e))?;
+    Ok(Some(tls))
 }
 
 async fn shutdown_requested(requested: &mut watch::Receiver<bool>, signals: bool) {

@@ -1,5 +1,5 @@
-//! `GET /ws`: the WebSocket on actix's side, in one place: the handshake (encoding negotiation,
-//! `?subscribe=`, `?batch=`), the guard that bounds how much a client can make the broker buffer
+//! `GET /ws`: the WebSocket on actix's side, in one place: the handshake (origin, token,
+//! connection limits, encoding negotiation, `?subscribe=`, `?batch=`), the guard that bounds how much a client can make the broker buffer
 //! on the way in, and the response body that hands a connection's queued frames to its socket on
 //! the way out.
 
@@ -22,11 +22,13 @@ use futures_core::Stream;
 use serde::Deserialize;
 
 use crate::actor::ConnectionActor;
-use crate::api::ApiError;
+use crate::admission::AdmissionLimit;
+use crate::api::{ApiError, bearer_token};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::connection::Connection;
 use crate::frame::{self, Limits, ServerFrame};
+use crate::metrics::Refused;
 use crate::model::Encoding;
 use crate::queue::{Next, OutboundQueue};
 
@@ -41,7 +43,12 @@ pub(crate) fn on_accept(
     unsent_bytes: usize,
 ) -> impl Fn(&dyn std::any::Any, &mut dev::Extensions) + Clone {
     move |io, extensions| {
-        if let Some(tcp) = io.downcast_ref::<actix_web::rt::net::TcpStream>() {
+        type Tcp = actix_web::rt::net::TcpStream;
+        let tcp = io.downcast_ref::<Tcp>().or_else(|| {
+            io.downcast_ref::<actix_tls::accept::rustls_0_23::TlsStream<Tcp>>()
+                .map(|tls| tls.get_ref().0)
+        });
+        if let Some(tcp) = tcp {
             let fd = tcp.as_raw_fd();
             if unsent_bytes > 0 {
                 let limit = libc::c_int::try_from(unsent_bytes).unwrap_or(libc::c_int::MAX);
@@ -69,6 +76,7 @@ struct WsQuery {
     encoding: Option<String>,
     subscribe: Option<String>,
     batch: Option<String>,
+    token: Option<String>,
 }
 
 pub(crate) async fn upgrade(
@@ -84,8 +92,18 @@ pub(crate) async fn upgrade(
         ));
     }
     actix_http::ws::verify_handshake(req.head()).map_err(handshake_error)?;
+    check_origin(&req, &broker.config().allowed_origins).inspect_err(|_| {
+        broker.metrics().refused(Refused::Origin);
+    })?;
     let query = web::Query::<WsQuery>::from_query(req.query_string())
         .map_err(|e| ApiError::bad_request(format!("bad query string: {e}")))?;
+    let identity = match query.token.as_deref().or(bearer_token(&req)?) {
+        Some(token) => broker.auth().authenticate(token).map_err(|invalid| {
+            broker.metrics().refused(Refused::InvalidToken);
+            ApiError::invalid_token(invalid)
+        })?,
+        None => broker.auth().unauthenticated(),
+    };
     let encoding = negotiate(&req, query.encoding.as_deref())?;
     let batching = match query.batch.as_deref() {
         None | Some("0" | "false") => false,
@@ -97,8 +115,22 @@ pub(crate) async fn upgrade(
         }
     };
     let initial = broker
-        .check_subscriptions(query.subscribe.as_deref().unwrap_or_default())
+        .check_subscriptions(&identity, query.subscribe.as_deref().unwrap_or_default())
         .map_err(ApiError::from)?;
+    let admission = broker
+        .admit(req.peer_addr().map(|a| a.ip()))
+        .map_err(|limit| match limit {
+            AdmissionLimit::Total(max) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_connections",
+                format!("this server holds its limit of {max} connections; try another or later"),
+            ),
+            AdmissionLimit::PerIp(max) => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_connections",
+                format!("{max} connections from this address are open, the limit"),
+            ),
+        })?;
 
     let config = broker.config();
     let limit = config.max_frame_bytes();
@@ -124,8 +156,11 @@ pub(crate) async fn upgrade(
                 broker.metrics().clone(),
             ),
             req.conn_data::<RawSocket>().map(|s| s.0),
+            identity.clone(),
         )
-        .with_batching(batching),
+        .with_batching(batching)
+        .with_publish_rate(config.publish_rate)
+        .with_admission(admission),
     );
     let id = conn.id.to_string();
     conn.queue.push_control(frame::encode(
@@ -136,6 +171,9 @@ pub(crate) async fn upgrade(
             server: frame::SERVER,
             limits: &limits(config),
             batch: batching,
+            authenticated: identity.is_authenticated(),
+            user: identity.user.as_deref(),
+            expires_at: identity.expires_at_unix(),
         },
     ));
     broker.connect(conn.clone());
@@ -165,7 +203,42 @@ fn limits(config: &Config) -> Limits {
         slow_consumer: config.slow_consumer.as_str(),
         ping_interval_ms: millis(config.ping_interval),
         idle_timeout_ms: millis(config.idle_timeout),
+        publish_rate: config.publish_rate,
+        max_bad_frames: config.max_bad_frames,
+        auth_timeout_ms: millis(config.auth_timeout),
     }
+}
+
+/// Refuses a browser page from another origin (cross-site WebSocket hijacking): its `Origin`
+/// must be the server's own (the `Host` it connected to) or in `--allowed-origins`. Clients that
+/// send no `Origin` are not browsers and are not affected.
+fn check_origin(req: &HttpRequest, allowed: &[String]) -> Result<(), ApiError> {
+    let Some(origin) = req.headers().get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or_default().trim_end_matches('/');
+    // The Host header itself, never a forwarded one a client could set.
+    let own = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    let same_site = !own.is_empty()
+        && origin
+            .split_once("://")
+            .is_some_and(|(_, host)| host.eq_ignore_ascii_case(own));
+    if same_site
+        || allowed
+            .iter()
+            .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin))
+    {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "origin_not_allowed",
+        format!("pages from {origin:?} may not connect here; see --allowed-origins"),
+    ))
 }
 
 fn handshake_error(err: HandshakeError) -> ApiError {

@@ -304,7 +304,7 @@ mod tests {
     use crate::broker::{Broker, testing};
     use crate::config::Config;
     use crate::connection::Connection;
-    use crate::model::{Encoding, Replay, Source, SubscribeOptions, Subscribed};
+    use crate::model::{Encoding, Replay, SubscribeOptions, Subscribed};
     use crate::server::Server;
 
     const MAX_DELAY: Duration = Duration::from_millis(5);
@@ -314,13 +314,16 @@ mod tests {
         common::TestServer::spawn(
             |c| c.history_size = history_size,
             move |config| {
-                Server::bind_broker(Broker::with_backend(config, move |_, _, sink| {
-                    Arc::new(DelayedBackend::new(
-                        history_size,
-                        Delay::Random(MAX_DELAY),
-                        sink,
-                    ))
-                }))
+                Server::bind_broker(
+                    Broker::with_backend(config, move |_, _, sink| {
+                        Arc::new(DelayedBackend::new(
+                            history_size,
+                            Delay::Random(MAX_DELAY),
+                            sink,
+                        ))
+                    })
+                    .expect("a valid configuration"),
+                )
             },
         )
     }
@@ -350,7 +353,8 @@ mod tests {
             let held = Arc::new(DelayedBackend::new(1000, Delay::Held, sink));
             backend = Some(held.clone());
             held
-        });
+        })
+        .unwrap();
         (broker, backend.unwrap())
     }
 
@@ -360,7 +364,7 @@ mod tests {
 
     fn publish(broker: &Broker, topic: &str, n: u64) {
         let data = testing::json(&n.to_string());
-        assert_eq!(broker.publish(topic, data, Source::Http).unwrap().seq, n);
+        assert_eq!(testing::publish(broker, topic, data).unwrap().seq, n);
     }
 
     fn subscribe(
