@@ -45,7 +45,8 @@ nats_pid=$!
 pids+=("$nats_pid")
 
 crier_port=$(free_port)
-target/release/crier --listen "127.0.0.1:$crier_port" --log warn > "$work/crier.log" 2>&1 &
+# One machine makes every connection: lift the per-address limit (1000 by default).
+target/release/crier --listen "127.0.0.1:$crier_port" --max-connections-per-ip 0 --log warn > "$work/crier.log" 2>&1 &
 crier_pid=$!
 pids+=("$crier_pid")
 sleep 1

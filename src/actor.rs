@@ -36,6 +36,9 @@ pub(crate) struct ConnectionActor {
     last_ping: Instant,
     /// Set once the connection is being closed because of what the client sent.
     failed: bool,
+    /// Set once the connection is closing for its token (expired, or never given): the client's
+    /// requests are no longer served, but its close frame is still read.
+    deadline_passed: bool,
     reader: Option<SpawnHandle>,
     /// Closes the connection when its token expires, or when it has not authenticated in time.
     deadline: Option<SpawnHandle>,
@@ -52,6 +55,7 @@ impl ConnectionActor {
             last_seen: now,
             last_ping: now,
             failed: false,
+            deadline_passed: false,
             reader: None,
             deadline: None,
             bad_frames: VecDeque::new(),
@@ -235,16 +239,13 @@ impl ConnectionActor {
         } else {
             return;
         };
-        self.deadline = Some(ctx.run_later(after, move |actor, ctx| {
+        self.deadline = Some(ctx.run_later(after, move |actor, _ctx| {
             actor.deadline = None;
             if code == CloseCode::AUTH_REQUIRED {
                 actor.broker.metrics().refused(Refused::AuthTimeout);
             }
             tracing::debug!(connection = %actor.conn.id, code = code.code, "closing: {}", code.reason);
-            actor.failed = true;
-            if let Some(reader) = actor.reader.take() {
-                ctx.cancel_future(reader);
-            }
+            actor.deadline_passed = true;
             actor.conn.queue.close(code, false);
         }));
     }
@@ -440,6 +441,7 @@ impl ConnectionActor {
         }
         self.last_seen = Instant::now();
         match item {
+            Ok(AggregatedMessage::Text(_) | AggregatedMessage::Binary(_)) if self.deadline_passed => {}
             Ok(AggregatedMessage::Text(text)) => {
                 self.broker.metrics().received(text.len());
                 self.handle_request(frame::parse_json(&text), ctx);
