@@ -10,7 +10,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use actix::{Actor, ActorContext, AsyncContext, Context, SpawnHandle, StreamHandler};
+use actix::{
+    Actor, ActorContext, ActorFutureExt, AsyncContext, Context, SpawnHandle, StreamHandler,
+};
 use actix_http::error::PayloadError;
 use actix_ws::{AggregatedMessage, ProtocolError};
 
@@ -36,9 +38,10 @@ pub(crate) struct ConnectionActor {
     last_ping: Instant,
     /// Set once the connection is being closed because of what the client sent.
     failed: bool,
-    /// Set once the connection is closing for its token (expired, or never given): the client's
-    /// requests are no longer served, but its close frame is still read.
-    deadline_passed: bool,
+    /// Set once the connection is closing on the server's initiative over a sound stream (its
+    /// token expired or never came, too many bad frames): requests are no longer served, but
+    /// the client's close frame is still read, so that the close handshake completes.
+    closing: bool,
     reader: Option<SpawnHandle>,
     /// Closes the connection when its token expires, or when it has not authenticated in time.
     deadline: Option<SpawnHandle>,
@@ -55,7 +58,7 @@ impl ConnectionActor {
             last_seen: now,
             last_ping: now,
             failed: false,
-            deadline_passed: false,
+            closing: false,
             reader: None,
             deadline: None,
             bad_frames: VecDeque::new(),
@@ -105,7 +108,7 @@ impl ConnectionActor {
 
     /// Answers a frame that could not be served, and closes a connection that sends too many.
     /// Going over the publish rate is not a bad frame: it has its own answer.
-    fn reject(&mut self, err: &FrameError, ctx: &mut Context<Self>) {
+    fn reject(&mut self, err: &FrameError) {
         self.reply_error(err);
         if err.code == ErrorCode::RateLimited {
             return;
@@ -124,9 +127,16 @@ impl ConnectionActor {
         }
         self.bad_frames.push_back(now);
         if self.bad_frames.len() >= limit {
+            tracing::debug!(connection = %self.conn.id, limit, "too many bad frames; closing");
             self.broker.metrics().refused(Refused::BadFrames);
-            self.fail(CloseCode::POLICY_VIOLATION, ctx, "too many bad frames");
+            self.close(CloseCode::POLICY_VIOLATION);
         }
+    }
+
+    /// Closes after what is queued, serving no more requests.
+    fn close(&mut self, code: CloseCode) {
+        self.closing = true;
+        self.conn.queue.close(code, false);
     }
 
     /// What to answer a malformed frame with: a bad topic it names comes first.
@@ -158,7 +168,7 @@ impl ConnectionActor {
             Ok(request) => request,
             Err(err) => {
                 let err = self.first_fault(err);
-                return self.reject(&err, ctx);
+                return self.reject(&err);
             }
         };
         let id = request.id;
@@ -175,7 +185,7 @@ impl ConnectionActor {
                 ErrorCode::Unauthorized,
                 "authenticate first: send {\"op\":\"auth\",\"token\":...}",
             );
-            return self.reject(&err, ctx);
+            return self.reject(&err);
         }
         let answered = match request.op {
             Op::Subscribe { topic, options } => self.subscribe(&topic, &options, id.as_ref()),
@@ -194,7 +204,7 @@ impl ConnectionActor {
             Op::Auth { .. } => Ok(()),
         };
         if let Err(refusal) = answered {
-            self.reject(&refused(id, refusal), ctx);
+            self.reject(&refused(id, refusal));
         }
     }
 
@@ -206,7 +216,7 @@ impl ConnectionActor {
             Err(invalid) => {
                 self.broker.metrics().refused(Refused::InvalidToken);
                 let err = FrameError::new(id, ErrorCode::InvalidToken, invalid.0);
-                return self.reject(&err, ctx);
+                return self.reject(&err);
             }
         };
         let ended = self.broker.reauthorize(&self.conn, identity);
@@ -245,8 +255,7 @@ impl ConnectionActor {
                 actor.broker.metrics().refused(Refused::AuthTimeout);
             }
             tracing::debug!(connection = %actor.conn.id, code = code.code, "closing: {}", code.reason);
-            actor.deadline_passed = true;
-            actor.conn.queue.close(code, false);
+            actor.close(code);
         }));
     }
 
@@ -324,23 +333,32 @@ impl ConnectionActor {
     }
 }
 
-/// Tears a closing connection down once its socket has taken nothing for
-/// [`CLOSE_STALL_LIMIT`]: a client that reads nothing would otherwise hold it until the write
-/// timeout. A socket that keeps taking bytes (a close after a flush) is left to finish.
+/// Follows a connection from its close on: tears it down once its socket has taken nothing for
+/// [`CLOSE_STALL_LIMIT`] (a client that reads nothing would otherwise hold it until the write
+/// timeout; a socket that keeps taking bytes, a close after a flush, is left to finish), and
+/// returns as soon as its body has ended, so that the actor ends with it and the socket is
+/// closed at once.
 async fn watch_close(conn: Arc<Connection>) {
-    conn.queue.closing_started().await;
     loop {
-        let health = conn.queue.health(Instant::now());
-        if health.finished {
-            return;
+        conn.queue.closing_or_finished().await;
+        loop {
+            let health = conn.queue.health(Instant::now());
+            if health.finished {
+                return;
+            }
+            let Some(idle) = health.closing_idle_for else {
+                break;
+            };
+            if idle >= CLOSE_STALL_LIMIT {
+                tracing::debug!(connection = %conn.id, "closing socket takes nothing; tearing down");
+                conn.force_close();
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(CLOSE_STALL_LIMIT - idle) => {}
+                () = conn.queue.closing_or_finished() => {}
+            }
         }
-        let idle = health.closing_idle_for.unwrap_or_default();
-        if idle >= CLOSE_STALL_LIMIT {
-            tracing::debug!(connection = %conn.id, "closing socket takes nothing; tearing down");
-            conn.force_close();
-            return;
-        }
-        tokio::time::sleep(CLOSE_STALL_LIMIT - idle).await;
     }
 }
 
@@ -367,7 +385,8 @@ impl Actor for ConnectionActor {
         );
         ctx.run_interval(period, |actor, ctx| actor.heartbeat(ctx));
         self.set_deadline(ctx);
-        ctx.spawn(actix::fut::wrap_future(watch_close(self.conn.clone())));
+        let watcher = actix::fut::wrap_future::<_, Self>(watch_close(self.conn.clone()));
+        ctx.spawn(watcher.map(|(), _actor, ctx| ctx.stop()));
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
@@ -441,7 +460,7 @@ impl ConnectionActor {
         }
         self.last_seen = Instant::now();
         match item {
-            Ok(AggregatedMessage::Text(_) | AggregatedMessage::Binary(_)) if self.deadline_passed => {}
+            Ok(AggregatedMessage::Text(_) | AggregatedMessage::Binary(_)) if self.closing => {}
             Ok(AggregatedMessage::Text(text)) => {
                 self.broker.metrics().received(text.len());
                 self.handle_request(frame::parse_json(&text), ctx);

@@ -125,18 +125,29 @@ pub(crate) async fn not_found(req: HttpRequest) -> HttpResponse {
 }
 
 /// The token of an `Authorization: Bearer` header, if there is one.
-pub(crate) fn bearer_token(req: &HttpRequest) -> Result<Option<&str>, ApiError> {
+/// A malformed header is refused (and counted) as `unauthorized`.
+pub(crate) fn bearer_token<'r>(
+    req: &'r HttpRequest,
+    broker: &Broker,
+) -> Result<Option<&'r str>, ApiError> {
     let Some(value) = req.headers().get(header::AUTHORIZATION) else {
         return Ok(None);
     };
-    let value = value
+    let token = value
         .to_str()
-        .map_err(|_| ApiError::unauthorized("the Authorization header is not valid text"))?;
-    match value.split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Ok(Some(token.trim())),
-        _ => Err(ApiError::unauthorized(
-            "the Authorization header must be `Bearer <token>`",
-        )),
+        .ok()
+        .and_then(|value| match value.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Some(token.trim()),
+            _ => None,
+        });
+    match token {
+        Some(token) => Ok(Some(token)),
+        None => {
+            broker.metrics().refused(Refused::Unauthorized);
+            Err(ApiError::unauthorized(
+                "the Authorization header must be `Bearer <token>`",
+            ))
+        }
     }
 }
 
@@ -147,7 +158,7 @@ fn credentials(req: &HttpRequest, broker: &Broker) -> Result<Arc<Identity>, ApiE
     if auth.api_open() {
         return Ok(auth.unauthenticated());
     }
-    let Some(presented) = bearer_token(req)? else {
+    let Some(presented) = bearer_token(req, broker)? else {
         broker.metrics().refused(Refused::Unauthorized);
         return Err(ApiError::unauthorized(
             "this API needs `Authorization: Bearer <API key or token>`",
@@ -453,7 +464,7 @@ async fn healthz() -> HttpResponse {
 
 /// `GET /metrics`: Prometheus text exposition; with `--metrics-token`, for its bearer only.
 async fn metrics(req: HttpRequest, broker: web::Data<Broker>) -> Result<HttpResponse, ApiError> {
-    if !broker.auth().metrics_allowed(bearer_token(&req)?) {
+    if !broker.auth().metrics_allowed(bearer_token(&req, &broker)?) {
         broker.metrics().refused(Refused::Unauthorized);
         return Err(ApiError::unauthorized(
             "/metrics needs `Authorization: Bearer <metrics token>`",

@@ -79,8 +79,8 @@ struct Claims {
     crier: CrierClaim,
 }
 
+/// Fields Crier does not know are ignored, so that issuers can add their own.
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct CrierClaim {
     #[serde(default)]
     subscribe: Vec<String>,
@@ -95,12 +95,17 @@ impl Authenticator {
             let mut validation = Validation::new(algorithm);
             validation.leeway = config.jwt_leeway.as_secs();
             validation.validate_nbf = true;
+            // jsonwebtoken checks aud and iss only when a token has them: require them too.
             match &config.jwt_audience {
-                Some(aud) => validation.set_audience(&[aud]),
+                Some(aud) => {
+                    validation.set_audience(&[aud]);
+                    validation.required_spec_claims.insert("aud".into());
+                }
                 None => validation.validate_aud = false,
             }
             if let Some(iss) = &config.jwt_issuer {
                 validation.set_issuer(&[iss]);
+                validation.required_spec_claims.insert("iss".into());
             }
             Jwt {
                 key,

@@ -85,7 +85,8 @@ pub(crate) struct OutboundQueue {
     policy: SlowConsumerPolicy,
     stats: QueueStats,
     metrics: Arc<Metrics>,
-    /// Signalled when closing begins, for the watcher that tears down a socket taking nothing.
+    /// Signalled when closing begins and when the body ends, for the connection's watcher: it
+    /// tears down a closing socket that takes nothing, and ends the connection with its body.
     closing: tokio::sync::Notify,
 }
 
@@ -210,8 +211,9 @@ impl OutboundQueue {
         }
     }
 
-    /// Resolves once the connection has started closing (at once if it already has).
-    pub(crate) async fn closing_started(&self) {
+    /// Resolves when the connection starts closing or its body ends (at once if either happened
+    /// since the last call).
+    pub(crate) async fn closing_or_finished(&self) {
         self.closing.notified().await;
     }
 
@@ -434,6 +436,7 @@ impl OutboundQueue {
     pub(crate) fn finish(&self) {
         let mut st = self.state.lock();
         st.phase = Phase::Finished;
+        self.closing.notify_one();
         self.discard(&mut st, DropReason::Closed);
         let waker = st.waker.take();
         drop(st);
@@ -524,6 +527,7 @@ impl OutboundQueue {
         } = st.phase
         {
             st.phase = Phase::Finished;
+            self.closing.notify_one();
             return Next::End;
         }
         if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {

@@ -97,7 +97,7 @@ pub(crate) async fn upgrade(
     })?;
     let query = web::Query::<WsQuery>::from_query(req.query_string())
         .map_err(|e| ApiError::bad_request(format!("bad query string: {e}")))?;
-    let identity = match query.token.as_deref().or(bearer_token(&req)?) {
+    let identity = match query.token.as_deref().or(bearer_token(&req, &broker)?) {
         Some(token) => broker.auth().authenticate(token).map_err(|invalid| {
             broker.metrics().refused(Refused::InvalidToken);
             ApiError::invalid_token(invalid)
