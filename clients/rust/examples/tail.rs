@@ -1,5 +1,7 @@
 //! Prints every message on the given topics (patterns allowed), reconnecting and recovering
-//! when the connection drops. With `--publish TOPIC JSON` it publishes once first.
+//! when the connection drops. With `--publish TOPIC JSON` it publishes once first. A token in
+//! `CRIER_TOKEN` is sent with the upgrade request; a `wss://` URL whose server has a self-signed
+//! certificate needs that certificate's PEM file in `CRIER_ROOT_CERT`.
 //!
 //! ```sh
 //! cargo run --release &                                  # the broker
@@ -26,11 +28,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         _ => None,
     };
 
-    let mut client = Client::builder(url)
+    let mut builder = Client::builder(url)
         .encoding(Encoding::Msgpack)
-        .reconnect(true)
-        .connect()
-        .await?;
+        .reconnect(true);
+    if let Ok(token) = std::env::var("CRIER_TOKEN") {
+        builder = builder.token(token);
+    }
+    if let Ok(path) = std::env::var("CRIER_ROOT_CERT") {
+        builder = builder.root_certificate(std::fs::read(path)?);
+    }
+    let mut client = builder.connect().await?;
     println!(
         "connected as {} to {}",
         client.welcome().connection,
@@ -58,6 +65,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ),
             Event::Reconnected { recovered } => println!("reconnected (recovered: {recovered:?})"),
             Event::ServerError { code, message } => eprintln!("server error {code}: {message}"),
+            Event::SubscriptionEnded {
+                topic,
+                code,
+                message,
+            } => eprintln!("subscription to {topic} ended ({code}): {message}"),
+            Event::TokenRefreshFailed(error) => eprintln!("token refresh failed: {error}"),
             Event::Closed(error) => {
                 eprintln!("closed: {error}");
                 break;

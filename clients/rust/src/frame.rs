@@ -97,6 +97,21 @@ pub struct Welcome {
     /// Whether this connection's WebSocket messages may carry several frames.
     #[serde(default)]
     pub batch: bool,
+    /// False when the connection opened without a token on a server that requires one: it must
+    /// send [`crate::Client::auth`] before anything else, within `limits.auth_timeout_ms`.
+    #[serde(default = "yes")]
+    pub authenticated: bool,
+    /// The token's subject (`sub`), when it has one.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// When the connection's token expires (Unix seconds, the server's leeway included): the
+    /// server closes the connection with 4002 then, unless a fresh token came with `auth`.
+    #[serde(default)]
+    pub expires_at: Option<u64>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The server's limits, from [`Welcome`].
@@ -109,6 +124,15 @@ pub struct Limits {
     pub slow_consumer: String,
     pub ping_interval_ms: u64,
     pub idle_timeout_ms: u64,
+    /// Publishes a second allowed per connection (0: no limit); over it, `rate_limited`.
+    #[serde(default)]
+    pub publish_rate: u64,
+    /// Bad frames in a minute that close the connection with 1008 (0: never).
+    #[serde(default)]
+    pub max_bad_frames: u64,
+    /// How long a connection without a token has to send `auth`.
+    #[serde(default)]
+    pub auth_timeout_ms: u64,
 }
 
 /// A server frame other than `message`.
@@ -129,6 +153,9 @@ pub(crate) enum Control {
         id: Option<u64>,
         code: String,
         message: String,
+        /// The subscription this error ended.
+        #[serde(default)]
+        topic: Option<String>,
     },
 }
 
@@ -373,6 +400,8 @@ struct Request<'a> {
     mode: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_rate: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token: Option<&'a str>,
 }
 
 impl<'a> Request<'a> {
@@ -385,6 +414,7 @@ impl<'a> Request<'a> {
             rewind: None,
             mode: None,
             max_rate: None,
+            token: None,
         }
     }
 }
@@ -424,6 +454,13 @@ pub(crate) fn simple(
     id: Option<u64>,
 ) -> Result<Vec<u8>, Error> {
     encode(encoding, &Request::new(op, topic, id))
+}
+
+/// `{"op":"auth","token":...,"id":...}`: a fresh token for the connection.
+pub(crate) fn auth(encoding: Encoding, token: &str, id: u64) -> Result<Vec<u8>, Error> {
+    let mut request = Request::new("auth", None, Some(id));
+    request.token = Some(token);
+    encode(encoding, &request)
 }
 
 /// Encodes a value as a publish's data.

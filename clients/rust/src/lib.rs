@@ -24,13 +24,21 @@
 //! # }
 //! ```
 //!
+//! On a Crier that requires authentication, [`ClientBuilder::token`] and
+//! [`ClientBuilder::token_provider`] give the connection its token (sent as `Authorization:
+//! Bearer`), refreshed before it expires; `wss://` URLs use rustls (ring), with
+//! [`ClientBuilder::root_certificate`] for self-signed servers.
+//!
 //! One background task owns the WebSocket. Messages wait in a bounded channel for
 //! [`Client::next_event`]: an application that stops reading stops the task reading the socket,
 //! and the server's slow-consumer policy then applies to it.
 
 mod frame;
 mod task;
+mod token;
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -106,9 +114,21 @@ pub enum Event {
     },
     /// An error the server sent without a request id.
     ServerError {
-        code: String,
+        code: ErrorCode,
         message: String,
     },
+    /// The server ended a subscription: a fresh token (sent with [`Client::auth`] or by the
+    /// token provider) no longer grants it (`code` is [`ErrorCode::Forbidden`]), or it could not
+    /// be renewed after a reconnect. The client has forgotten it: it is not renewed again.
+    SubscriptionEnded {
+        topic: String,
+        code: ErrorCode,
+        message: String,
+    },
+    /// The token provider failed, or the server refused its token, when refreshing the token
+    /// before it expires. The connection keeps its current token; the refresh is tried again
+    /// while there is time, and at expiry (4002) the client reconnects with a fresh token.
+    TokenRefreshFailed(Error),
     /// The connection is gone for good (closed, or lost without reconnecting).
     Closed(Error),
 }
@@ -120,16 +140,144 @@ pub struct CloseInfo {
     pub reason: String,
 }
 
+impl CloseInfo {
+    pub const NORMAL: u16 = 1000;
+    /// The server is shutting down (reconnecting may reach another instance).
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A frame of a kind the server does not take.
+    pub const UNSUPPORTED_DATA: u16 = 1003;
+    /// Invalid UTF-8 in a text frame.
+    pub const INVALID_DATA: u16 = 1007;
+    /// Too many bad frames.
+    pub const POLICY_VIOLATION: u16 = 1008;
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// The client sent nothing (not even a pong) for too long.
+    pub const IDLE_TIMEOUT: u16 = 4001;
+    /// The connection's token expired.
+    pub const TOKEN_EXPIRED: u16 = 4002;
+    /// The connection opened without a token and sent no valid `auth` in time.
+    pub const AUTHENTICATION_REQUIRED: u16 = 4003;
+    /// The client did not keep up with its messages.
+    pub const SLOW_CONSUMER: u16 = 4008;
+}
+
+/// An error code from the server: in an `error` frame, or in the JSON body of a refused upgrade.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// A frame the server could not read.
+    BadFrame,
+    UnknownOp,
+    InvalidTopic,
+    PayloadTooLarge,
+    TooManySubscriptions,
+    /// The connection must authenticate first (`auth`), or the upgrade carried no token.
+    Unauthorized,
+    /// The token does not grant this topic (subscribe or publish), or the upgrade's `?subscribe=`.
+    Forbidden,
+    /// The token is malformed, wrongly signed, expired, not yet valid or for someone else.
+    InvalidToken,
+    /// Over the server's publish rate: the message was not published.
+    RateLimited,
+    /// Upgrade refused: the server (503) or this address (429) is at its connection limit.
+    TooManyConnections,
+    /// Upgrade refused: the `Origin` header is not allowed.
+    OriginNotAllowed,
+    /// Upgrade refused: the server is shutting down.
+    ShuttingDown,
+    /// Any other code, as sent.
+    Other(String),
+}
+
+impl ErrorCode {
+    pub fn as_str(&self) -> &str {
+        match self {
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::InvalidTopic => "invalid_topic",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::OriginNotAllowed => "origin_not_allowed",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Other(code) => code,
+        }
+    }
+}
+
+impl From<&str> for ErrorCode {
+    fn from(code: &str) -> Self {
+        match code {
+            "bad_frame" => ErrorCode::BadFrame,
+            "unknown_op" => ErrorCode::UnknownOp,
+            "invalid_topic" => ErrorCode::InvalidTopic,
+            "payload_too_large" => ErrorCode::PayloadTooLarge,
+            "too_many_subscriptions" => ErrorCode::TooManySubscriptions,
+            "unauthorized" => ErrorCode::Unauthorized,
+            "forbidden" => ErrorCode::Forbidden,
+            "invalid_token" => ErrorCode::InvalidToken,
+            "rate_limited" => ErrorCode::RateLimited,
+            "too_many_connections" => ErrorCode::TooManyConnections,
+            "origin_not_allowed" => ErrorCode::OriginNotAllowed,
+            "shutting_down" => ErrorCode::ShuttingDown,
+            other => ErrorCode::Other(other.to_owned()),
+        }
+    }
+}
+
+impl From<String> for ErrorCode {
+    fn from(code: String) -> Self {
+        match ErrorCode::from(code.as_str()) {
+            ErrorCode::Other(_) => ErrorCode::Other(code),
+            known => known,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<str> for ErrorCode {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for ErrorCode {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
+    /// No connection: DNS, TCP or TLS failed (an unknown certificate among them), or the URL,
+    /// token or root certificate given is unusable.
     #[error("could not connect: {0}")]
     Connect(String),
-    /// The server refused the WebSocket upgrade.
-    #[error("upgrade refused with HTTP {status}: {body}")]
-    Refused { status: u16, body: String },
+    /// The server refused the WebSocket upgrade with an HTTP error. `code` is the one in the
+    /// server's JSON body (`invalid_token`, `forbidden`, `origin_not_allowed`,
+    /// `too_many_connections`, ...) when there is one; `message` is its message, or the body.
+    #[error("upgrade refused with HTTP {status}{}: {message}", code.as_ref().map(|c| format!(" ({c})")).unwrap_or_default())]
+    Refused {
+        status: u16,
+        code: Option<ErrorCode>,
+        message: String,
+    },
     /// The server answered a request with an `error` frame.
     #[error("{code}: {message}")]
-    Server { code: String, message: String },
+    Server { code: ErrorCode, message: String },
+    /// The token provider failed.
+    #[error("the token provider failed: {0}")]
+    Token(String),
     /// The server closed the connection.
     #[error("closed by the server: {0:?}")]
     Closed(Option<CloseInfo>),
@@ -152,7 +300,25 @@ impl Error {
     /// The error code of a [`Error::Server`] (`bad_frame`, `invalid_topic`, ...).
     pub fn server_code(&self) -> Option<&str> {
         match self {
+            Error::Server { code, .. } => Some(code.as_str()),
+            _ => None,
+        }
+    }
+
+    /// The server's error code: of an `error` frame ([`Error::Server`]) or of a refused
+    /// upgrade ([`Error::Refused`]).
+    pub fn code(&self) -> Option<&ErrorCode> {
+        match self {
             Error::Server { code, .. } => Some(code),
+            Error::Refused { code, .. } => code.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// The close code of a connection the server closed ([`Error::Closed`]).
+    pub fn close_code(&self) -> Option<u16> {
+        match self {
+            Error::Closed(Some(close)) => Some(close.code),
             _ => None,
         }
     }
@@ -182,6 +348,10 @@ pub struct ClientBuilder {
     batch: bool,
     buffer: usize,
     request_timeout: Duration,
+    token: Option<String>,
+    token_provider: Option<token::TokenProvider>,
+    token_refresh: Option<Duration>,
+    roots: Vec<Vec<u8>>,
 }
 
 impl ClientBuilder {
@@ -227,6 +397,50 @@ impl ClientBuilder {
         self
     }
 
+    /// A connection token (JWT or API key), sent as `Authorization: Bearer` in the upgrade
+    /// request. With a [`token_provider`](Self::token_provider) too, it is the first
+    /// connection's token and the provider makes every later one.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Where fresh tokens come from (e.g. your login service). Called for every connection,
+    /// the first (unless [`token`](Self::token) gave one) and each reconnection, and ahead of
+    /// the token's expiry to refresh it with `auth` (see [`token_refresh`](Self::token_refresh)).
+    /// With a provider, a connection closed because its token expired (4002) reconnects with a
+    /// fresh one (when [`reconnect`](Self::reconnect) is on). A provider error fails the first
+    /// connect with [`Error::Token`]; on a reconnection it counts as a failed attempt.
+    pub fn token_provider<F, Fut, E>(mut self, provider: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        self.token_provider = Some(Arc::new(move || {
+            let token = provider();
+            Box::pin(async move { token.await.map_err(|e| e.to_string()) })
+        }));
+        self
+    }
+
+    /// How long before the token expires (the welcome's `expires_at`) the token provider is
+    /// asked for a fresh token, sent with `auth` so the connection stays up; at most half the
+    /// time the token has left. Default 30 s. None: never; the server then closes the
+    /// connection at expiry (4002) and the client reconnects with a fresh token.
+    pub fn token_refresh(mut self, ahead: Option<Duration>) -> Self {
+        self.token_refresh = ahead;
+        self
+    }
+
+    /// Trusts the certificate(s) in this PEM for `wss://`, besides the system's roots: for a
+    /// server with a self-signed certificate or one from a private CA. May be called again to
+    /// add more.
+    pub fn root_certificate(mut self, pem: impl AsRef<[u8]>) -> Self {
+        self.roots.push(pem.as_ref().to_vec());
+        self
+    }
+
     pub async fn connect(self) -> Result<Client, Error> {
         let (commands, command_rx) = mpsc::channel(256);
         let (event_tx, events) = mpsc::channel(self.buffer.div_ceil(task::BATCH));
@@ -236,15 +450,12 @@ impl ClientBuilder {
         } else {
             self.url
         };
-        let (ws, welcome) = task::connect(&url, self.encoding, self.local).await?;
-        let task = task::Task::new(
-            url,
-            self.encoding,
-            self.local,
-            self.reconnect,
-            command_rx,
-            event_tx,
-        );
+        let dial = task::Dial::new(url, self.encoding, self.local, &self.roots)?;
+        let mut tokens = token::Tokens::new(self.token, self.token_provider, self.token_refresh);
+        let token = tokens.for_connection(true).await?;
+        let (ws, welcome) = dial.open(token.as_deref()).await?;
+        tokens.connected(token, &welcome);
+        let task = task::Task::new(dial, tokens, self.reconnect, command_rx, event_tx);
         tokio::spawn(task.run(ws));
         Ok(Client {
             commands,
@@ -284,6 +495,10 @@ impl Client {
             batch: true,
             buffer: 1024,
             request_timeout: Duration::from_secs(10),
+            token: None,
+            token_provider: None,
+            token_refresh: Some(Duration::from_secs(30)),
+            roots: Vec::new(),
         }
     }
 
@@ -408,6 +623,19 @@ impl Client {
             .send(command)
             .await
             .map_err(|_| Error::ClientClosed)
+    }
+
+    /// Sends a token (`{"op":"auth"}`) and waits for the server's ack: to authenticate a
+    /// connection that opened without one, or to replace the connection's token before it
+    /// expires. The new token's grants replace the old; subscriptions it no longer grants end
+    /// with [`Event::SubscriptionEnded`]. An invalid token is refused with
+    /// [`ErrorCode::InvalidToken`] and the connection keeps its token. Without a token
+    /// provider, reconnections present the last token acknowledged.
+    pub async fn auth(&self, token: &str) -> Result<(), Error> {
+        let token = token.to_owned();
+        self.request(|reply| task::Command::Auth { token, reply })
+            .await
+            .map(|_| ())
     }
 
     /// Round trip to the server and back.

@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
@@ -12,10 +14,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::frame::{self, Control, Incoming, Payload, Welcome};
-use crate::{Backoff, CloseInfo, Encoding, Error, Event, Mode, Since, SubscribeOptions};
+use crate::token::{TokenFuture, Tokens};
+use crate::{Backoff, CloseInfo, Encoding, Error, ErrorCode, Event, Mode, Since, SubscribeOptions};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 pub(crate) type Responder = oneshot::Sender<Result<Reply, Error>>;
@@ -36,6 +39,10 @@ pub(crate) enum Command {
         reply: Option<Responder>,
     },
     Ping {
+        reply: Responder,
+    },
+    Auth {
+        token: String,
         reply: Responder,
     },
     Close {
@@ -61,57 +68,159 @@ pub(crate) const BATCH: usize = 64;
 /// How long the server gets to send its welcome.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Opens a WebSocket in `encoding` (from `local` if given) and reads the server's welcome.
-pub(crate) async fn connect(
-    url: &str,
+/// Where and how to open a connection: the same for the first one and every reconnection.
+pub(crate) struct Dial {
+    url: String,
     encoding: Encoding,
     local: Option<IpAddr>,
-) -> Result<(Ws, Welcome), Error> {
-    let mut request = url
-        .into_client_request()
-        .map_err(|e| Error::Connect(e.to_string()))?;
-    request.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        HeaderValue::from_static(encoding.subprotocol()),
-    );
-    let config = Some(ws_config());
-    let opened = match local {
-        None => tokio_tungstenite::connect_async_with_config(request, config, false).await,
-        Some(local) => {
-            let tcp = tcp_from(request.uri(), local).await?;
-            tokio_tungstenite::client_async_with_config(request, MaybeTlsStream::Plain(tcp), config)
-                .await
-        }
-    };
-    let (mut ws, _) = opened.map_err(|e| match e {
-        tungstenite::Error::Http(response) => {
-            let body = response
-                .body()
-                .as_deref()
-                .map(String::from_utf8_lossy)
-                .unwrap_or_default();
-            Error::Refused {
-                status: response.status().as_u16(),
-                body: body.into_owned(),
-            }
-        }
-        other => Error::Connect(other.to_string()),
-    })?;
-    let first = tokio::time::timeout(WELCOME_TIMEOUT, ws.next())
-        .await
-        .map_err(|_| Error::Timeout)?;
-    match first {
-        Some(Ok(message @ (WsMessage::Text(_) | WsMessage::Binary(_)))) => {
-            match frame::parse(message.into_data(), encoding)? {
-                Incoming::Control(Control::Welcome(welcome)) => Ok((ws, welcome)),
-                _ => Err(Error::Protocol("the first frame is not a welcome".into())),
-            }
-        }
-        Some(Ok(WsMessage::Close(close))) => Err(Error::Closed(close.map(close_info))),
-        Some(Ok(other)) => Err(Error::Protocol(format!("unexpected first frame {other:?}"))),
-        Some(Err(e)) => Err(Error::Disconnected(e.to_string())),
-        None => Err(Error::Disconnected("closed before the welcome".into())),
+    /// For `wss://`: rustls with the ring provider, the system's roots and any given.
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Dial {
+    pub(crate) fn new(
+        url: String,
+        encoding: Encoding,
+        local: Option<IpAddr>,
+        roots: &[Vec<u8>],
+    ) -> Result<Dial, Error> {
+        let secure = url
+            .get(..6)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("wss://"));
+        let tls = if secure {
+            Some(tls_config(roots)?)
+        } else {
+            None
+        };
+        Ok(Dial {
+            url,
+            encoding,
+            local,
+            tls,
+        })
     }
+
+    /// Opens a WebSocket (from `local` if given) presenting `token`, and reads the server's
+    /// welcome.
+    pub(crate) async fn open(&self, token: Option<&str>) -> Result<(Ws, Welcome), Error> {
+        let mut request = self
+            .url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| Error::Connect(e.to_string()))?;
+        let headers = request.headers_mut();
+        headers.insert(
+            "Sec-WebSocket-Protocol",
+            HeaderValue::from_static(self.encoding.subprotocol()),
+        );
+        if let Some(token) = token {
+            let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| Error::Connect("the token is not valid in an HTTP header".into()))?;
+            value.set_sensitive(true);
+            headers.insert("Authorization", value);
+        }
+        let config = Some(ws_config());
+        let connector = Some(match &self.tls {
+            Some(tls) => Connector::Rustls(tls.clone()),
+            None => Connector::Plain,
+        });
+        let opened = match self.local {
+            None => {
+                tokio_tungstenite::connect_async_tls_with_config(request, config, false, connector)
+                    .await
+            }
+            Some(local) => {
+                let tcp = tcp_from(request.uri(), local).await?;
+                tokio_tungstenite::client_async_tls_with_config(request, tcp, config, connector)
+                    .await
+            }
+        };
+        let (mut ws, _) = opened.map_err(|e| match e {
+            tungstenite::Error::Http(response) => refusal(
+                response.status().as_u16(),
+                response.body().as_deref().unwrap_or_default(),
+            ),
+            other => Error::Connect(other.to_string()),
+        })?;
+        let first = tokio::time::timeout(WELCOME_TIMEOUT, ws.next())
+            .await
+            .map_err(|_| Error::Timeout)?;
+        match first {
+            Some(Ok(message @ (WsMessage::Text(_) | WsMessage::Binary(_)))) => {
+                match frame::parse(message.into_data(), self.encoding)? {
+                    Incoming::Control(Control::Welcome(welcome)) => Ok((ws, welcome)),
+                    _ => Err(Error::Protocol("the first frame is not a welcome".into())),
+                }
+            }
+            Some(Ok(WsMessage::Close(close))) => Err(Error::Closed(close.map(close_info))),
+            Some(Ok(other)) => Err(Error::Protocol(format!("unexpected first frame {other:?}"))),
+            Some(Err(e)) => Err(Error::Disconnected(e.to_string())),
+            None => Err(Error::Disconnected("closed before the welcome".into())),
+        }
+    }
+}
+
+/// A refused upgrade, with the code and message of Crier's JSON error body
+/// (`{"error":{"code":...,"message":...}}`) when the body is one.
+fn refusal(status: u16, body: &[u8]) -> Error {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        error: Detail,
+    }
+    #[derive(serde::Deserialize)]
+    struct Detail {
+        code: String,
+        #[serde(default)]
+        message: String,
+    }
+    match serde_json::from_slice::<Body>(body) {
+        Ok(Body { error }) => Error::Refused {
+            status,
+            code: Some(error.code.into()),
+            message: error.message,
+        },
+        Err(_) => Error::Refused {
+            status,
+            code: None,
+            message: String::from_utf8_lossy(body).into_owned(),
+        },
+    }
+}
+
+/// The TLS settings for `wss://`: the ring provider (never aws-lc), the system's root
+/// certificates and the PEM ones given (a private CA, a self-signed server).
+fn tls_config(roots: &[Vec<u8>]) -> Result<Arc<rustls::ClientConfig>, Error> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut store = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for error in &native.errors {
+        tracing::debug!(%error, "could not load a system root certificate");
+    }
+    store.add_parsable_certificates(native.certs);
+    for pem in roots {
+        let mut found = false;
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert =
+                cert.map_err(|e| Error::Connect(format!("invalid root certificate: {e}")))?;
+            store
+                .add(cert)
+                .map_err(|e| Error::Connect(format!("invalid root certificate: {e}")))?;
+            found = true;
+        }
+        if !found {
+            return Err(Error::Connect(
+                "no certificate in the root certificate PEM".into(),
+            ));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Connect(e.to_string()))?
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 /// The WebSocket settings: tungstenite zero-fills its read buffer up to its size before every
@@ -125,7 +234,13 @@ async fn tcp_from(uri: &tungstenite::http::Uri, local: IpAddr) -> Result<TcpStre
     let host = uri
         .host()
         .ok_or_else(|| Error::Connect("no host in the URL".into()))?;
-    let port = uri.port_u16().unwrap_or(80);
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("wss") {
+            443
+        } else {
+            80
+        });
     let remote = tokio::net::lookup_host((host.trim_matches(['[', ']']), port))
         .await
         .map_err(|e| Error::Connect(e.to_string()))?
@@ -172,6 +287,15 @@ enum Pending {
         topic: String,
         asked_since: bool,
     },
+    /// The application's `auth`: its token is the connection's once acknowledged.
+    Auth {
+        token: String,
+        reply: Responder,
+    },
+    /// The `auth` of a refresh before the token expires.
+    Refresh {
+        token: String,
+    },
 }
 
 /// Why serving a connection ended.
@@ -181,10 +305,47 @@ enum End {
     Lost(Error),
 }
 
+/// Refreshing the token before it expires (with a token provider).
+enum Refresh {
+    Off,
+    /// Time to ask the provider.
+    At(Pin<Box<tokio::time::Sleep>>),
+    /// The provider is at work.
+    Fetching(TokenFuture),
+}
+
+enum RefreshStep {
+    Due,
+    Fetched(Result<String, String>),
+}
+
+impl Refresh {
+    /// The next step of the refresh; never, when there is none to make. Cancel-safe: the
+    /// timer and the provider's future live in `self`.
+    async fn step(&mut self) -> RefreshStep {
+        match self {
+            Refresh::Off => std::future::pending().await,
+            Refresh::At(sleep) => {
+                sleep.as_mut().await;
+                RefreshStep::Due
+            }
+            Refresh::Fetching(fetch) => RefreshStep::Fetched(fetch.as_mut().await),
+        }
+    }
+}
+
+/// Renewals still unanswered after a reconnect, and what they came to.
+struct Renewing {
+    remaining: usize,
+    recovered: Vec<(String, bool)>,
+    /// Subscriptions the server would not renew: announced after the reconnection.
+    ended: Vec<Event>,
+}
+
 pub(crate) struct Task {
-    url: String,
-    encoding: Encoding,
-    local: Option<IpAddr>,
+    dial: Dial,
+    tokens: Tokens,
+    refresh: Refresh,
     reconnect: Option<Backoff>,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<Vec<Event>>,
@@ -195,25 +356,23 @@ pub(crate) struct Task {
     pending: HashMap<u64, Pending>,
     next_id: u64,
     subscriptions: HashMap<String, Subscription>,
-    /// Renewals still unanswered after a reconnect, and what they recovered.
-    renewing: Option<(usize, Vec<(String, bool)>)>,
+    renewing: Option<Renewing>,
     /// Messages of the new connection, held until it is announced.
     held: Vec<crate::Message>,
 }
 
 impl Task {
     pub(crate) fn new(
-        url: String,
-        encoding: Encoding,
-        local: Option<IpAddr>,
+        dial: Dial,
+        tokens: Tokens,
         reconnect: Option<Backoff>,
         commands: mpsc::Receiver<Command>,
         events: mpsc::Sender<Vec<Event>>,
     ) -> Self {
         Task {
-            url,
-            encoding,
-            local,
+            dial,
+            tokens,
+            refresh: Refresh::Off,
             reconnect,
             commands,
             events,
@@ -227,20 +386,27 @@ impl Task {
         }
     }
 
+    /// Serves the first connection (already welcomed, with `tokens` up to date) and, if asked,
+    /// every reconnection.
     pub(crate) async fn run(mut self, mut ws: Ws) {
+        self.schedule_refresh();
         loop {
             let error = match self.serve(&mut ws).await {
                 End::Shutdown => return,
                 End::Lost(error) => error,
             };
             for (_, pending) in self.pending.drain() {
-                if let Pending::Request(reply) | Pending::Subscribe { reply, .. } = pending {
+                if let Pending::Request(reply)
+                | Pending::Subscribe { reply, .. }
+                | Pending::Auth { reply, .. } = pending
+                {
                     let _ = reply.send(Err(Error::Disconnected(error.to_string())));
                 }
             }
             self.renewing = None;
             self.held.clear();
-            let retry = self.reconnect.filter(|_| !fatal(&error));
+            self.refresh = Refresh::Off;
+            let retry = self.reconnect.filter(|_| self.reconnects_after(&error));
             let Some(backoff) = retry else {
                 self.batch.push(Event::Closed(error));
                 self.deliver().await;
@@ -248,10 +414,57 @@ impl Task {
             };
             tracing::debug!(%error, "connection lost; reconnecting");
             match self.reconnect(backoff).await {
-                Some(new) => ws = new,
-                None => return,
+                Ok(new) => ws = new,
+                Err(None) => return,
+                Err(Some(error)) => {
+                    self.batch.push(Event::Closed(error));
+                    self.deliver().await;
+                    return;
+                }
             }
         }
+    }
+
+    /// Whether reconnecting can help after the server closed with this: not after the client
+    /// broke the protocol or never authenticated, nor after its token expired when there is
+    /// no provider to get a fresh one.
+    fn reconnects_after(&self, error: &Error) -> bool {
+        match error.close_code() {
+            Some(CloseInfo::TOKEN_EXPIRED) => self.tokens.provider.is_some(),
+            Some(
+                CloseInfo::NORMAL
+                | CloseInfo::PROTOCOL_ERROR
+                | CloseInfo::UNSUPPORTED_DATA
+                | CloseInfo::INVALID_DATA
+                | CloseInfo::POLICY_VIOLATION
+                | CloseInfo::MESSAGE_TOO_BIG
+                | CloseInfo::AUTHENTICATION_REQUIRED,
+            ) => false,
+            _ => true,
+        }
+    }
+
+    /// Whether a failed reconnection should end the client rather than be tried again: a
+    /// refusal no retry can change (without a provider, the token will not change either).
+    fn gives_up_after(&self, error: &Error) -> bool {
+        match error {
+            Error::Refused {
+                code: Some(ErrorCode::OriginNotAllowed),
+                ..
+            } => true,
+            Error::Refused {
+                status: 401 | 403, ..
+            } => self.tokens.provider.is_none(),
+            Error::Closed(Some(_)) => !self.reconnects_after(error),
+            _ => false,
+        }
+    }
+
+    fn schedule_refresh(&mut self) {
+        self.refresh = match self.tokens.refresh_in() {
+            Some(wait) => Refresh::At(Box::pin(tokio::time::sleep(wait))),
+            None => Refresh::Off,
+        };
     }
 
     /// Queues an event for the application, handing the batch over once it is full; false
@@ -277,7 +490,7 @@ impl Task {
 
     /// Queues a frame on the socket; [`Task::flush`] sends what is queued.
     async fn send(&mut self, ws: &mut Ws, bytes: Vec<u8>) -> Result<(), Error> {
-        let message = match self.encoding {
+        let message = match self.encoding() {
             Encoding::Json => {
                 let text = String::from_utf8(bytes).map_err(|e| Error::Encode(e.to_string()))?;
                 WsMessage::text(text)
@@ -331,6 +544,11 @@ impl Task {
                         return End::Lost(error);
                     }
                 }
+                step = self.refresh.step() => {
+                    if let Err(end) = self.refresh_step(ws, step).await {
+                        return end;
+                    }
+                }
                 incoming = ws.next() => {
                     // This frame and whatever else has already arrived, handed over together.
                     let mut next = Some(incoming);
@@ -346,7 +564,7 @@ impl Task {
                             WsMessage::Close(close) => return self.lost(Error::Closed(close.map(close_info))).await,
                             _ => Default::default(),
                         };
-                        if let Err(e) = frame::parse_all(data, self.encoding, &mut self.parsed) {
+                        if let Err(e) = frame::parse_all(data, self.encoding(), &mut self.parsed) {
                             tracing::warn!(error = %e, "ignoring a frame Crier should not have sent");
                         }
                         // Reused from message to message: no allocation per message.
@@ -383,6 +601,49 @@ impl Task {
         }
     }
 
+    /// Moves the token refresh on: asks the provider when it is time, sends what it gave.
+    async fn refresh_step(&mut self, ws: &mut Ws, step: RefreshStep) -> Result<(), End> {
+        self.refresh = Refresh::Off;
+        let error = match step {
+            RefreshStep::Due => {
+                if let Some(provider) = &self.tokens.provider {
+                    self.refresh = Refresh::Fetching(provider());
+                }
+                return Ok(());
+            }
+            RefreshStep::Fetched(Ok(token)) => {
+                let id = self.id();
+                match frame::auth(self.encoding(), &token, id) {
+                    Ok(bytes) => {
+                        self.pending.insert(id, Pending::Refresh { token });
+                        self.send(ws, bytes).await.map_err(End::Lost)?;
+                        return Self::flush(ws).await.map_err(End::Lost);
+                    }
+                    Err(error) => error,
+                }
+            }
+            RefreshStep::Fetched(Err(error)) => Error::Token(error),
+        };
+        if self.refresh_failed(error).await && self.deliver().await {
+            Ok(())
+        } else {
+            let _ = ws.close(None).await;
+            Err(End::Shutdown)
+        }
+    }
+
+    /// Reports a failed refresh and tries again later while there is time; false once the
+    /// application has gone.
+    async fn refresh_failed(&mut self, error: Error) -> bool {
+        tracing::debug!(%error, "could not refresh the token");
+        self.schedule_refresh();
+        self.emit(Event::TokenRefreshFailed(error)).await
+    }
+
+    fn encoding(&self) -> Encoding {
+        self.dial.encoding
+    }
+
     /// Hands over what came before the connection was lost, then reports the loss.
     async fn lost(&mut self, error: Error) -> End {
         self.deliver().await;
@@ -398,7 +659,7 @@ impl Task {
                 reply,
             } => {
                 let id = self.id();
-                let frame = frame::subscribe(self.encoding, &topic, &options, id);
+                let frame = frame::subscribe(self.encoding(), &topic, &options, id);
                 (
                     frame,
                     Some((
@@ -414,7 +675,7 @@ impl Task {
             Command::Unsubscribe { topic, reply } => {
                 self.subscriptions.remove(&topic);
                 let id = self.id();
-                let frame = frame::simple(self.encoding, "unsubscribe", Some(&topic), Some(id));
+                let frame = frame::simple(self.encoding(), "unsubscribe", Some(&topic), Some(id));
                 (frame, Some((id, Pending::Request(reply))))
             }
             Command::Publish {
@@ -423,7 +684,7 @@ impl Task {
                 reply,
             } => {
                 let id = reply.as_ref().map(|_| self.id());
-                let frame = frame::publish(self.encoding, &topic, &payload, id);
+                let frame = frame::publish(self.encoding(), &topic, &payload, id);
                 (
                     frame,
                     id.zip(reply)
@@ -432,8 +693,13 @@ impl Task {
             }
             Command::Ping { reply } => {
                 let id = self.id();
-                let frame = frame::simple(self.encoding, "ping", None, Some(id));
+                let frame = frame::simple(self.encoding(), "ping", None, Some(id));
                 (frame, Some((id, Pending::Request(reply))))
+            }
+            Command::Auth { token, reply } => {
+                let id = self.id();
+                let frame = frame::auth(self.encoding(), &token, id);
+                (frame, Some((id, Pending::Auth { token, reply })))
             }
             Command::Close { reply } => {
                 let _ = ws.close(None).await;
@@ -451,7 +717,12 @@ impl Task {
             Err(error) => {
                 // Nothing went out: answer the request, keep serving.
                 match pending {
-                    Some((_, Pending::Request(reply) | Pending::Subscribe { reply, .. })) => {
+                    Some((
+                        _,
+                        Pending::Request(reply)
+                        | Pending::Subscribe { reply, .. }
+                        | Pending::Auth { reply, .. },
+                    )) => {
                         let _ = reply.send(Err(error));
                     }
                     _ => tracing::warn!(%error, "could not encode a publish"),
@@ -515,13 +786,28 @@ impl Task {
                         let _ = responder.send(Ok(reply));
                     }
                     Some(Pending::Renew { topic, asked_since }) => {
-                        if asked_since && let Some((_, recovered)) = &mut self.renewing {
-                            recovered.push((topic.clone(), reply.recovered == Some(true)));
+                        if asked_since && let Some(renewing) = &mut self.renewing {
+                            renewing
+                                .recovered
+                                .push((topic.clone(), reply.recovered == Some(true)));
                         }
                         if let Some(subscription) = self.subscriptions.get_mut(&topic) {
                             subscription.position = position(&subscription.options, &reply);
                         }
                         return self.renewed().await;
+                    }
+                    Some(Pending::Auth {
+                        token,
+                        reply: responder,
+                    }) => {
+                        self.tokens.authenticated(token);
+                        self.schedule_refresh();
+                        let _ = responder.send(Ok(reply));
+                    }
+                    Some(Pending::Refresh { token }) => {
+                        tracing::debug!("token refreshed");
+                        self.tokens.authenticated(token);
+                        self.schedule_refresh();
                     }
                     None => {}
                 }
@@ -537,22 +823,39 @@ impl Task {
                 id: Some(id),
                 code,
                 message,
+                ..
             }) => {
-                let error = Error::Server { code, message };
+                let error = Error::Server {
+                    code: code.into(),
+                    message,
+                };
                 match self.pending.remove(&id) {
                     Some(
                         Pending::Request(responder)
                         | Pending::Subscribe {
+                            reply: responder, ..
+                        }
+                        | Pending::Auth {
                             reply: responder, ..
                         },
                     ) => {
                         let _ = responder.send(Err(error));
                     }
                     Some(Pending::Renew { topic, .. }) => {
-                        tracing::warn!(%topic, %error, "could not renew a subscription");
+                        tracing::debug!(%topic, %error, "could not renew a subscription");
                         self.subscriptions.remove(&topic);
+                        if let (Some(renewing), Error::Server { code, message }) =
+                            (&mut self.renewing, error)
+                        {
+                            renewing.ended.push(Event::SubscriptionEnded {
+                                topic,
+                                code,
+                                message,
+                            });
+                        }
                         return self.renewed().await;
                     }
+                    Some(Pending::Refresh { .. }) => return self.refresh_failed(error).await,
                     None => {}
                 }
                 true
@@ -561,7 +864,29 @@ impl Task {
                 id: None,
                 code,
                 message,
-            }) => self.emit(Event::ServerError { code, message }).await,
+                topic: Some(topic),
+            }) => {
+                // A fresh token no longer grants it: the server has ended it.
+                self.subscriptions.remove(&topic);
+                self.emit(Event::SubscriptionEnded {
+                    topic,
+                    code: code.into(),
+                    message,
+                })
+                .await
+            }
+            Incoming::Control(Control::Error {
+                id: None,
+                code,
+                message,
+                topic: None,
+            }) => {
+                self.emit(Event::ServerError {
+                    code: code.into(),
+                    message,
+                })
+                .await
+            }
             Incoming::Control(Control::Pong { id: None } | Control::Welcome(_)) => true,
         }
     }
@@ -572,18 +897,29 @@ impl Task {
             .insert(topic, Subscription { options, position });
     }
 
-    /// One renewal answered; announces the reconnection once all are.
+    /// One renewal answered; announces the reconnection once all are, then the subscriptions
+    /// that could not be renewed.
     async fn renewed(&mut self) -> bool {
-        let Some((remaining, _)) = &mut self.renewing else {
+        let Some(renewing) = &mut self.renewing else {
             return true;
         };
-        *remaining = remaining.saturating_sub(1);
-        if *remaining > 0 {
+        renewing.remaining = renewing.remaining.saturating_sub(1);
+        if renewing.remaining > 0 {
             return true;
         }
-        let (_, recovered) = self.renewing.take().unwrap_or_default();
+        let Some(Renewing {
+            recovered, ended, ..
+        }) = self.renewing.take()
+        else {
+            return true;
+        };
         if !self.emit(Event::Reconnected { recovered }).await {
             return false;
+        }
+        for event in ended {
+            if !self.emit(event).await {
+                return false;
+            }
         }
         for message in std::mem::take(&mut self.held) {
             if !self.emit(Event::Message(message)).await {
@@ -593,9 +929,10 @@ impl Task {
         true
     }
 
-    /// Reconnects with backoff and renews every subscription; None if the application closed
-    /// the client meanwhile.
-    async fn reconnect(&mut self, backoff: Backoff) -> Option<Ws> {
+    /// Reconnects with backoff (a fresh token from the provider each time, if there is one) and
+    /// renews every subscription. Err(None) if the application closed the client meanwhile;
+    /// Err(Some) if the server refused in a way retrying cannot change.
+    async fn reconnect(&mut self, backoff: Backoff) -> Result<Ws, Option<Error>> {
         let mut delay = backoff.initial;
         loop {
             let jittered = delay.mul_f64(0.8 + fastrand::f64() * 0.4);
@@ -606,23 +943,37 @@ impl Task {
                 tokio::select! {
                     _ = &mut sleep => break,
                     command = self.commands.recv() => match command {
-                        None => return None,
+                        None => return Err(None),
                         Some(Command::Close { reply }) => {
                             let _ = reply.send(());
-                            return None;
+                            return Err(None);
                         }
                         Some(other) => refuse(other),
                     },
                 }
             }
-            match connect(&self.url, self.encoding, self.local).await {
-                Ok((mut ws, _)) => match self.renew(&mut ws).await {
-                    Ok(()) => return Some(ws),
-                    Err(error) => tracing::debug!(%error, "lost again while renewing"),
-                },
+            delay = (delay * 2).min(backoff.max);
+            let token = match self.tokens.for_connection(false).await {
+                Ok(token) => token,
+                Err(error) => {
+                    tracing::debug!(%error, "no token to reconnect with");
+                    continue;
+                }
+            };
+            match self.dial.open(token.as_deref()).await {
+                Ok((mut ws, welcome)) => {
+                    self.tokens.connected(token, &welcome);
+                    match self.renew(&mut ws).await {
+                        Ok(()) => {
+                            self.schedule_refresh();
+                            return Ok(ws);
+                        }
+                        Err(error) => tracing::debug!(%error, "lost again while renewing"),
+                    }
+                }
+                Err(error) if self.gives_up_after(&error) => return Err(Some(error)),
                 Err(error) => tracing::debug!(%error, "reconnect failed"),
             }
-            delay = (delay * 2).min(backoff.max);
         }
     }
 
@@ -644,10 +995,14 @@ impl Task {
                 (topic.clone(), options)
             })
             .collect();
-        self.renewing = Some((renewals.len(), Vec::new()));
+        self.renewing = Some(Renewing {
+            remaining: renewals.len(),
+            recovered: Vec::new(),
+            ended: Vec::new(),
+        });
         for (topic, options) in renewals {
             let id = self.id();
-            let bytes = frame::subscribe(self.encoding, &topic, &options, id)?;
+            let bytes = frame::subscribe(self.encoding(), &topic, &options, id)?;
             self.pending.insert(
                 id,
                 Pending::Renew {
@@ -688,7 +1043,8 @@ fn refuse(command: Command) {
     match command {
         Command::Subscribe { reply, .. }
         | Command::Unsubscribe { reply, .. }
-        | Command::Ping { reply } => {
+        | Command::Ping { reply }
+        | Command::Auth { reply, .. } => {
             let _ = reply.send(error());
         }
         Command::Publish { reply, .. } => {
@@ -700,15 +1056,4 @@ fn refuse(command: Command) {
             let _ = reply.send(());
         }
     }
-}
-
-/// Closes after which reconnecting would not help: the client broke the protocol.
-fn fatal(error: &Error) -> bool {
-    matches!(
-        error,
-        Error::Closed(Some(CloseInfo {
-            code: 1000 | 1002 | 1003 | 1007 | 1008 | 1009,
-            ..
-        }))
-    )
 }
