@@ -30,14 +30,16 @@ type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
+// Boxed: a NATS connection holds its socket and read buffer inline, several times the size of
+// a Crier client's handle.
 pub enum Subscriber {
     Crier(Client),
-    Nats(Nats),
+    Nats(Box<Nats>),
 }
 
 pub enum Publisher {
     Crier(Client),
-    Nats(Nats),
+    Nats(Box<Nats>),
 }
 
 impl Target {
@@ -78,7 +80,7 @@ impl Target {
             Kind::NatsWs => {
                 let mut nats = Nats::connect(&self.url, local).await?;
                 nats.subscribe(topic).await?;
-                Ok(Subscriber::Nats(nats))
+                Ok(Subscriber::Nats(Box::new(nats)))
             }
         }
     }
@@ -100,7 +102,9 @@ impl Target {
     pub async fn publisher(&self) -> Result<Publisher, Error> {
         match self.kind {
             Kind::Crier => Ok(Publisher::Crier(self.crier(None).await?)),
-            Kind::NatsWs => Ok(Publisher::Nats(Nats::connect(&self.url, None).await?)),
+            Kind::NatsWs => Ok(Publisher::Nats(Box::new(
+                Nats::connect(&self.url, None).await?,
+            ))),
         }
     }
 
@@ -108,7 +112,9 @@ impl Target {
     pub async fn idle(&self, local: Option<IpAddr>) -> Result<Subscriber, Error> {
         match self.kind {
             Kind::Crier => Ok(Subscriber::Crier(self.crier(local).await?)),
-            Kind::NatsWs => Ok(Subscriber::Nats(Nats::connect(&self.url, local).await?)),
+            Kind::NatsWs => Ok(Subscriber::Nats(Box::new(
+                Nats::connect(&self.url, local).await?,
+            ))),
         }
     }
 

@@ -461,7 +461,7 @@ impl ClientBuilder {
             commands,
             events,
             ready: Vec::new().into_iter(),
-            welcome,
+            welcome: Box::new(welcome),
             encoding: self.encoding,
             timeout: self.request_timeout,
         })
@@ -475,7 +475,8 @@ pub struct Client {
     events: mpsc::Receiver<Vec<Event>>,
     /// The rest of the batch being taken, read in place.
     ready: std::vec::IntoIter<Event>,
-    welcome: Welcome,
+    /// Boxed: it is read rarely, and keeps the handle small enough to move around cheaply.
+    welcome: Box<Welcome>,
     encoding: Encoding,
     timeout: Duration,
 }
