@@ -159,6 +159,7 @@ impl ConnectionActor {
                 seq,
                 epoch: None,
                 recovered: None,
+                expires_at: None,
             });
         }
     }
@@ -198,7 +199,11 @@ impl ConnectionActor {
                 .publish(Publisher::Connection(&self.conn), &topic, data)
                 .map(|accepted| self.ack(id.as_ref(), Some(accepted.seq))),
             Op::Ping => {
-                self.reply(&ServerFrame::Pong { id: id.as_ref() });
+                self.reply(&ServerFrame::Pong {
+                    id: id.as_ref(),
+                    buffered_bytes: self.conn.queue.buffered().0,
+                    dropped: self.conn.queue.stats().dropped(),
+                });
                 Ok(())
             }
             Op::Auth { .. } => Ok(()),
@@ -219,8 +224,17 @@ impl ConnectionActor {
                 return self.reject(&err);
             }
         };
+        let expires_at = identity.expires_at_unix();
         let ended = self.broker.reauthorize(&self.conn, identity);
-        self.ack(id.as_ref(), None);
+        if let Some(id) = &id {
+            self.reply(&ServerFrame::Ack {
+                id,
+                seq: None,
+                epoch: None,
+                recovered: None,
+                expires_at,
+            });
+        }
         for subject in ended {
             let topic = match &subject {
                 Subject::Topic(t) | Subject::Pattern(t) => t,
@@ -279,6 +293,7 @@ impl ConnectionActor {
                 seq,
                 epoch,
                 recovered: subscribed.recovered,
+                expires_at: None,
             };
             conn.queue.push_control(frame::encode(conn.encoding, &ack));
         };
@@ -495,8 +510,14 @@ fn classify(err: &ProtocolError) -> CloseCode {
         ProtocolError::Overflow => CloseCode::MESSAGE_TOO_BIG,
         ProtocolError::Io(io) => {
             let payload = io.get_ref().and_then(|e| e.downcast_ref::<PayloadError>());
+            let violation = |inner: &std::io::Error| {
+                inner
+                    .get_ref()
+                    .is_some_and(|e| e.is::<frame::ProtocolViolation>())
+            };
             match payload {
                 Some(PayloadError::Overflow) => CloseCode::MESSAGE_TOO_BIG,
+                Some(PayloadError::Io(inner)) if violation(inner) => CloseCode::PROTOCOL_ERROR,
                 Some(_) => CloseCode::NORMAL,
                 None if io.kind() == std::io::ErrorKind::InvalidData => CloseCode::INVALID_PAYLOAD,
                 // actix-ws's continuation limit; the frame guard normally trips first.
@@ -545,6 +566,13 @@ mod tests {
         assert_eq!(
             classify(&ProtocolError::Io(too_big)),
             CloseCode::MESSAGE_TOO_BIG
+        );
+        let violation = io::Error::other(PayloadError::Io(io::Error::other(
+            frame::ProtocolViolation("reserved bits"),
+        )));
+        assert_eq!(
+            classify(&ProtocolError::Io(violation)),
+            CloseCode::PROTOCOL_ERROR
         );
         let gone = io::Error::other(PayloadError::Incomplete(None));
         assert_eq!(classify(&ProtocolError::Io(gone)), CloseCode::NORMAL);

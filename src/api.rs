@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::auth::{Identity, InvalidToken};
 use crate::broker::{Accepted, Broker, Publisher, Refusal};
-use crate::data::{Data, msgpack_value_len};
+use crate::data::{Data, msgpack_envelope_len};
 use crate::metrics::Refused;
 use crate::model::ErrorCode;
 
@@ -298,7 +298,8 @@ pub(crate) fn decode_batch(
                 .collect()
         }
         BodyEncoding::Msgpack => {
-            match msgpack_value_len(body) {
+            // The batch's array and each item's map hold the data.
+            match msgpack_envelope_len(body, 2) {
                 Ok(len) if len == body.len() => {}
                 Ok(len) => return Err(shape(&format!("{} bytes after it", body.len() - len))),
                 Err(e) => return Err(shape(&format!("not valid MessagePack: {}", e.0))),

@@ -233,6 +233,10 @@ impl Config {
                     format!("--metrics-namespaces: {ns:?} is not a topic's first segment")
                 })?;
         }
+        // The HTTP layer measures it with a clock that advances every half second.
+        if self.handshake_timeout < Duration::from_secs(1) {
+            return Err("--handshake-timeout must be at least 1s".into());
+        }
         if self.api_keys.iter().any(|k| k.is_empty()) {
             return Err("--api-key must not be empty".into());
         }

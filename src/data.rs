@@ -15,7 +15,9 @@ use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 /// How deeply arrays and maps may nest in data of either encoding: under serde_json's own
 /// limit (127), so that data of either encoding can always be rendered in the other.
 pub(crate) const MAX_DEPTH: usize = 100;
-const MAX_MSGPACK_DEPTH: usize = MAX_DEPTH;
+/// rmpv's depth budget to read valid data back: it spends two per array or map level and up
+/// to three on the innermost value (a string).
+const MAX_MSGPACK_DEPTH: usize = 2 * MAX_DEPTH + 3;
 
 /// One message's data, valid in the encoding it is held in.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,20 +32,24 @@ pub(crate) enum Data {
 pub(crate) struct InvalidData(pub String);
 
 impl Data {
-    /// Data from JSON text, checked to be exactly one JSON value.
     /// Data from JSON text, checked to be exactly one JSON value. Line breaks are dropped:
     /// outside strings they are insignificant whitespace, inside strings JSON does not allow
     /// them raw; without them a JSON frame is one line, so frames can be batched one per line.
     pub(crate) fn from_json(bytes: Bytes) -> Result<Data, InvalidData> {
+        // serde_json checks the UTF-8 of the strings it reads, not of those it skips over.
+        std::str::from_utf8(&bytes).map_err(|e| InvalidData(format!("data is not UTF-8: {e}")))?;
         serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
             .map_err(|e| InvalidData(format!("data is not valid JSON: {e}")))?;
         Data::from_parsed_json(bytes)
     }
 
-    /// Data from the text of a JSON value a parser has already read (a frame's `data`):
-    /// checked for depth, without line breaks.
+    /// Data from the UTF-8 text of a JSON value a parser has already read (a frame's `data`):
+    /// checked for depth and for what could not be rendered as MessagePack, without line
+    /// breaks.
     pub(crate) fn from_parsed_json(bytes: Bytes) -> Result<Data, InvalidData> {
-        check_json_depth(&bytes)?;
+        if check_json_depth(&bytes)? == Reading::Needed {
+            read_json(&bytes)?;
+        }
         if bytes.iter().any(|&b| b == b'\n' || b == b'\r') {
             let one_line: Vec<u8> = bytes
                 .iter()
@@ -133,13 +139,29 @@ impl Data {
     }
 }
 
+/// Whether JSON text must be read in full (see [`read_json`]) to know it can be rendered.
+#[derive(Debug, PartialEq)]
+enum Reading {
+    Needed,
+    NotNeeded,
+}
+
 /// Refuses JSON whose arrays and objects nest deeper than [`MAX_DEPTH`]: serde_json skips over
 /// a value it need not build without a depth limit, and a subscriber of the other encoding
-/// could never be given such data.
-pub(crate) fn check_json_depth(bytes: &[u8]) -> Result<(), InvalidData> {
+/// could never be given such data. Also tells whether the text has what serde_json checks only
+/// when it reads a value rather than skips it: numbers with an exponent or many digits (out of
+/// f64's range), `\u` escapes of surrogates (unpaired).
+fn check_json_depth(bytes: &[u8]) -> Result<Reading, InvalidData> {
     let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    // Bytes of the number being scanned; whether the two bytes before are `\u`.
+    let (mut number_len, mut unicode_escape) = (0usize, false);
+    let mut reading = Reading::NotNeeded;
     for &b in bytes {
         if in_string {
+            if unicode_escape && matches!(b, b'd' | b'D') {
+                reading = Reading::Needed;
+            }
+            unicode_escape = escaped && b == b'u';
             match b {
                 _ if escaped => escaped = false,
                 b'\\' => escaped = true,
@@ -148,6 +170,17 @@ pub(crate) fn check_json_depth(bytes: &[u8]) -> Result<(), InvalidData> {
             }
             continue;
         }
+        let in_number = matches!(b, b'-' | b'0'..=b'9')
+            || number_len > 0 && matches!(b, b'.' | b'e' | b'E' | b'+');
+        if in_number {
+            number_len += 1;
+            // Without an exponent, a number beyond f64's range (1.8e308) has 309 digits.
+            if matches!(b, b'e' | b'E') || number_len > 308 {
+                reading = Reading::Needed;
+            }
+            continue;
+        }
+        number_len = 0;
         match b {
             b'"' => in_string = true,
             b'[' | b'{' => {
@@ -162,26 +195,62 @@ pub(crate) fn check_json_depth(bytes: &[u8]) -> Result<(), InvalidData> {
             _ => {}
         }
     }
-    Ok(())
+    Ok(reading)
+}
+
+/// Reads JSON text the way it is read to render it as MessagePack: only then does serde_json
+/// refuse numbers out of f64's range and unpaired surrogate escapes, and a subscriber of the
+/// other encoding would get nil.
+fn read_json(bytes: &[u8]) -> Result<(), InvalidData> {
+    serde_json::from_slice::<serde_json::Value>(bytes)
+        .map(drop)
+        .map_err(|e| InvalidData(format!("data cannot be rendered as MessagePack: {e}")))
+}
+
+/// An array or map being read by [`msgpack_value_len`].
+struct Open {
+    /// Items still to read (a map's keys and values both count).
+    remaining: u64,
+    is_map: bool,
+    /// Whether it is a map key or inside one.
+    in_key: bool,
 }
 
 /// The length of the one MessagePack value `bytes` starts with, checked without building it:
 /// every marker known and not reserved, no extension types, strings UTF-8, nothing truncated,
-/// arrays and maps nested at most [`MAX_DEPTH`] deep.
+/// arrays and maps nested at most [`MAX_DEPTH`] deep, no array or map as a map key inside a
+/// map key. (JSON renders a map key that is not a string as its JSON text in a JSON string, so
+/// keys inside keys are escaped once more per level: their JSON would double in size with
+/// each.)
 pub(crate) fn msgpack_value_len(bytes: &[u8]) -> Result<usize, InvalidData> {
+    msgpack_len_within(bytes, MAX_DEPTH)
+}
+
+/// [`msgpack_value_len`] for a value that carries data `envelope` levels down (a frame's map, a
+/// batch's array and item maps), so that the data itself may still nest [`MAX_DEPTH`] deep.
+pub(crate) fn msgpack_envelope_len(bytes: &[u8], envelope: usize) -> Result<usize, InvalidData> {
+    msgpack_len_within(bytes, MAX_DEPTH + envelope)
+}
+
+fn msgpack_len_within(bytes: &[u8], max_depth: usize) -> Result<usize, InvalidData> {
     let truncated = || InvalidData("it ends inside a value".into());
     let mut pos = 0usize;
-    // Items still to read in each enclosing array or map, innermost last.
-    let mut open: Vec<u64> = Vec::new();
-    let mut remaining: u64 = 1;
+    // The enclosing arrays and maps, innermost last.
+    let mut open: Vec<Open> = Vec::new();
+    let mut current = Open {
+        remaining: 1,
+        is_map: false,
+        in_key: false,
+    };
     loop {
-        while remaining == 0 {
+        while current.remaining == 0 {
             match open.pop() {
-                Some(outer) => remaining = outer,
+                Some(outer) => current = outer,
                 None => return Ok(pos),
             }
         }
-        remaining -= 1;
+        let is_key = current.is_map && current.remaining.is_multiple_of(2);
+        current.remaining -= 1;
         let marker = *bytes.get(pos).ok_or_else(truncated)?;
         pos += 1;
         let mut take = |n: usize| -> Result<u64, InvalidData> {
@@ -223,18 +292,29 @@ pub(crate) fn msgpack_value_len(bytes: &[u8]) -> Result<usize, InvalidData> {
             return Err(InvalidData("a string is not UTF-8".into()));
         }
         pos = end;
+        let is_map = matches!(marker, 0x80..=0x8f | 0xde | 0xdf);
+        let is_container = is_map || matches!(marker, 0x90..=0x9f | 0xdc | 0xdd);
+        if is_container && is_key && current.in_key {
+            return Err(InvalidData(
+                "an array or map is a map key inside another map key".into(),
+            ));
+        }
         if items > 0 {
             // Each item takes at least a byte: a count past the end is a lie, found at once.
             if items > (bytes.len() - pos) as u64 {
                 return Err(truncated());
             }
-            if open.len() >= MAX_DEPTH {
+            if open.len() >= max_depth {
                 return Err(InvalidData(format!(
                     "it is nested deeper than {MAX_DEPTH} levels"
                 )));
             }
-            open.push(remaining);
-            remaining = items;
+            let inner = Open {
+                remaining: items,
+                is_map,
+                in_key: current.in_key || is_key,
+            };
+            open.push(std::mem::replace(&mut current, inner));
         }
     }
 }

@@ -13,7 +13,7 @@ use actix_http::ws::OpCode;
 use bytes::Bytes;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::data::{Data, msgpack_value_len};
+use crate::data::{Data, msgpack_envelope_len};
 use crate::model::{DeliveryMode, Encoding, ErrorCode, Replay, SubscribeOptions};
 
 /// The WebSocket subprotocol that selects `encoding`.
@@ -105,6 +105,19 @@ impl CloseCode {
         metric: "slow_consumer",
     };
 }
+
+/// A frame header that breaks RFC 6455 itself (reserved bits, an oversized or fragmented
+/// control frame), as the incoming guard reports it; closed with 1002.
+#[derive(Debug)]
+pub(crate) struct ProtocolViolation(pub &'static str);
+
+impl fmt::Display for ProtocolViolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for ProtocolViolation {}
 
 /// A client's request id, echoed in the answer: an unsigned integer or a string.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -306,7 +319,7 @@ pub(crate) fn parse_msgpack(bytes: &[u8]) -> Result<Request, FrameError> {
             "a frame must be a MessagePack map",
         ));
     }
-    let checked = match msgpack_value_len(bytes) {
+    let checked = match msgpack_envelope_len(bytes, 1) {
         Ok(len) if len < bytes.len() => {
             Err(format!("{} bytes after the frame's map", bytes.len() - len))
         }
@@ -474,10 +487,18 @@ pub(crate) enum ServerFrame<'a> {
         /// For subscribe with `since`: whether nothing was missed.
         #[serde(skip_serializing_if = "Option::is_none")]
         recovered: Option<bool>,
+        /// For auth: when the new token expires (Unix seconds, leeway included).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expires_at: Option<u64>,
     },
     Pong {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a FrameId>,
+        /// The connection's buffered amount as the pong was queued: bytes queued for the client
+        /// and not yet taken by its socket (the server side of `WebSocket.bufferedAmount`).
+        buffered_bytes: usize,
+        /// Messages for this connection dropped so far (slow-consumer policy).
+        dropped: u64,
     },
     Error {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -733,12 +754,23 @@ mod tests {
                 seq: Some(9),
                 epoch: None,
                 recovered: None,
+                expires_at: None,
             },
         );
         let value: serde_json::Value = rmp_serde::from_slice(payload_of(&frame)).unwrap();
         assert_eq!(value, serde_json::json!({"op":"ack","id":3,"seq":9}));
-        let frame = encode(Encoding::Json, &ServerFrame::Pong { id: None });
-        assert_eq!(payload_of(&frame), br#"{"op":"pong"}"#);
+        let frame = encode(
+            Encoding::Json,
+            &ServerFrame::Pong {
+                id: None,
+                buffered_bytes: 12,
+                dropped: 3,
+            },
+        );
+        assert_eq!(
+            payload_of(&frame),
+            br#"{"op":"pong","buffered_bytes":12,"dropped":3}"#
+        );
     }
 
     #[test]

@@ -324,12 +324,19 @@ impl<S> FrameSizeGuard<S> {
                 continue;
             }
             let (fin, opcode, len) = parse_header(header);
+            let reserved_bits = header[0] & 0x70 != 0;
             self.header_len = 0;
             self.remaining = len;
+            if reserved_bits {
+                // No extension is negotiated, so none of RSV1-3 may be set.
+                return Err(protocol_violation("a frame sets reserved bits"));
+            }
             if opcode & 0x8 != 0 {
-                // Control frames carry at most 125 bytes.
-                if len > 125 {
-                    return Err(PayloadError::Overflow);
+                // Control frames carry at most 125 bytes and are never fragmented.
+                if len > 125 || !fin {
+                    return Err(protocol_violation(
+                        "a control frame is fragmented or longer than 125 bytes",
+                    ));
                 }
                 continue;
             }
@@ -347,6 +354,10 @@ impl<S> FrameSizeGuard<S> {
         }
         Ok(())
     }
+}
+
+fn protocol_violation(what: &'static str) -> PayloadError {
+    PayloadError::Io(std::io::Error::other(frame::ProtocolViolation(what)))
 }
 
 /// The full header size once its first two bytes are known.
@@ -558,6 +569,24 @@ mod tests {
             ])
             .is_err()
         );
+    }
+
+    #[test]
+    fn refuses_headers_that_break_the_protocol() {
+        let mut rsv1 = client_frame(OpCode::Text, true, 3);
+        rsv1[0] |= 0x40;
+        let long_ping = client_frame(OpCode::Ping, true, 126);
+        let fragmented_ping = client_frame(OpCode::Ping, false, 3);
+        for frame in [rsv1, long_ping, fragmented_ping] {
+            let err = guard(70_000).inspect(&frame).unwrap_err();
+            let violation = match &err {
+                PayloadError::Io(io) => io
+                    .get_ref()
+                    .is_some_and(|e| e.is::<frame::ProtocolViolation>()),
+                _ => false,
+            };
+            assert!(violation, "{frame:02x?}: {err:?}");
+        }
     }
 
     #[test]

@@ -88,7 +88,11 @@ async fn hs256_token_in_the_query_a_bearer_header_or_an_auth_frame() {
         json!({"op": "auth", "token": token, "id": 1}),
     )
     .await;
-    assert_eq!(ack, json!({"op": "ack", "id": 1}));
+    assert_eq!(
+        ack,
+        json!({"op": "ack", "id": 1, "expires_at": exp + 5}),
+        "the ack says when the token expires"
+    );
     by_frame.subscribe("chat.room1").await;
     let (message, ack) =
         ws_publish_to_self(&mut by_frame, "chat.room1", json!("after auth"), "p2").await;
@@ -668,7 +672,10 @@ async fn a_fresh_token_keeps_the_connection_and_its_grants_replace_the_old() {
     client
         .send(json!({"op": "auth", "token": hs256(&second), "id": "re"}))
         .await;
-    assert_eq!(client.recv().await, json!({"op": "ack", "id": "re"}));
+    assert_eq!(
+        client.recv().await,
+        json!({"op": "ack", "id": "re", "expires_at": second_exp})
+    );
     let mut ended: Vec<Value> = vec![client.recv().await, client.recv().await];
     ended.sort_by_key(|f| f["topic"].as_str().unwrap_or_default().to_owned());
     for (frame, topic) in ended.iter().zip(["b.*", "b.y"]) {

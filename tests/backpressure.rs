@@ -286,3 +286,52 @@ async fn a_socket_that_takes_nothing_is_closed_after_the_write_timeout() {
         "the fast subscriber lost messages"
     );
 }
+
+#[tokio::test]
+async fn a_pong_tells_the_client_its_buffered_amount_and_drops() {
+    let (s, last) = fill(SlowConsumerPolicy::DropOldest).await;
+    let Scenario {
+        server,
+        mut slow,
+        fast,
+        published,
+        ..
+    } = s;
+    assert_got_everything(fast, published).await;
+    // Queued behind a full buffer: the figures are those of the moment it was queued.
+    let before = server.connection(&slow.id).await.unwrap()["buffered_bytes"]
+        .as_u64()
+        .unwrap();
+    slow.send(json!({"op": "ping", "id": "p"})).await;
+    let pong = loop {
+        let message = slow.recv_message().await;
+        let frame = decode_exact(&message).unwrap();
+        if frame["op"] == "pong" {
+            break frame;
+        }
+    };
+    let buffered = pong["buffered_bytes"].as_u64().unwrap();
+    // The socket may take a little more meanwhile; the client reads nothing, so not much.
+    assert!(
+        buffered > CAP / 2 && buffered <= before + 256,
+        "the pong's buffered amount {buffered}, the listing's {before}: {pong}"
+    );
+    let dropped = pong["dropped"].as_u64().unwrap();
+    assert!(
+        dropped >= last["dropped"].as_u64().unwrap() && dropped > 0,
+        "{pong} against {last}"
+    );
+    // Once everything is read, an idle connection's pong says so.
+    slow.sync().await;
+    slow.send(json!({"op": "ping", "id": "q"})).await;
+    let pong = decode_exact(&slow.recv_message().await).unwrap();
+    assert_eq!(
+        (pong["id"].clone(), pong["buffered_bytes"].clone()),
+        (json!("q"), json!(0)),
+        "{pong}"
+    );
+    assert_eq!(
+        pong["dropped"].as_u64(),
+        server.connection(&slow.id).await.unwrap()["dropped"].as_u64()
+    );
+}

@@ -132,7 +132,7 @@ impl Run {
     }
 
     async fn received(&mut self, name: &str, at: &str) -> Value {
-        let frame = self.client(name).await.recv().await;
+        let frame = self.client(name).await.recv_exact().await;
         assert_valid(
             &self.server_frames,
             &frame,

@@ -494,6 +494,7 @@ fn frames_of(message: &Message) -> Vec<serde_json::Value> {
         Message::Text(text) => text
             .split('\n')
             .map(|line| serde_json::from_str(line).expect("one JSON frame per line"))
+            .map(without_pong_figures)
             .collect(),
         Message::Binary(bytes) => {
             let mut rest: &[u8] = bytes;
@@ -501,7 +502,7 @@ fn frames_of(message: &Message) -> Vec<serde_json::Value> {
             while !rest.is_empty() {
                 let value =
                     rmpv::decode::read_value(&mut rest).expect("MessagePack frames back to back");
-                frames.push(serde_json::to_value(&value).unwrap());
+                frames.push(without_pong_figures(serde_json::to_value(&value).unwrap()));
             }
             frames
         }
