@@ -17,8 +17,12 @@ if ((${#missing[@]})); then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-# npm packages for the browser test.
-[ -d tests/browser/node_modules/playwright-core ] || npm ci --prefix tests/browser --no-audit --no-fund
+# npm packages for the browser tests and the JavaScript client, installed again whenever a lock
+# file is newer than what node_modules holds.
+for dir in tests/browser clients/js; do
+    [ "$dir/node_modules/.package-lock.json" -nt "$dir/package-lock.json" ] \
+        || npm ci --prefix "$dir" --no-audit --no-fund
+done
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
@@ -28,3 +32,6 @@ else
     cargo test --workspace --no-fail-fast
 fi
 cargo test --workspace --doc
+# The JavaScript client against the broker binary the Rust tests built.
+cargo build -p crier
+npm test --prefix clients/js

@@ -348,8 +348,13 @@ impl Grant {
             Subject::Topic(topic) => grants.iter().any(|g| topic::matches(g, topic)),
             Subject::Pattern(pattern) => {
                 let segments: Vec<&str> = pattern.split('.').collect();
-                let grants: Vec<Vec<&str>> =
-                    grants.iter().map(|g| g.split('.').collect()).collect();
+                // Only grants that name the broker's namespace reach its topics (as patterns do).
+                let system = segments[0] == topic::SYSTEM_NAMESPACE;
+                let grants: Vec<Vec<&str>> = grants
+                    .iter()
+                    .filter(|g| !system || topic::namespace(g) == topic::SYSTEM_NAMESPACE)
+                    .map(|g| g.split('.').collect())
+                    .collect();
                 let grants: Vec<&[&str]> = grants.iter().map(Vec::as_slice).collect();
                 covered(&segments, &grants)
             }
@@ -426,6 +431,12 @@ mod tests {
             (&["a.*.c", "a.b.*"], "a.*.*", false),
             (&["*.b", "a.*"], "*.*", false),
             (&[], "a", false),
+            (&[">"], "_crier.stats", false),
+            (&[">"], "_crier.*", false),
+            (&["*.stats"], "_crier.stats", false),
+            (&["_crier.>"], "_crier.stats", true),
+            (&["_crier.>"], "_crier.*", true),
+            (&["_crier.stats"], "_crier.*", false),
         ];
         for &(granted, subject, expected) in cases {
             assert_eq!(may(granted, subject), expected, "{granted:?} {subject}");

@@ -19,7 +19,7 @@ use crate::backend::memory::MemoryBackend;
 use crate::backend::{Backend, DeliverySink, HistoryPage, HistoryQuery};
 use crate::config::Config;
 use crate::connection::Connection;
-use crate::connections::{ConnectionCollector, ConnectionTable};
+use crate::connections::{ConnectionCollector, ConnectionSummary, ConnectionTable};
 use crate::data::Data;
 use crate::frame::CloseCode;
 use crate::hub::Hub;
@@ -221,6 +221,16 @@ impl Broker {
         if !identity.is_authenticated() {
             return Err(self.unauthorized());
         }
+        if topic::namespace(topic) == topic::SYSTEM_NAMESPACE {
+            return Err(self.refuse(
+                Refused::Forbidden,
+                ErrorCode::Forbidden,
+                format!(
+                    "topics under {}. are the broker's own",
+                    topic::SYSTEM_NAMESPACE
+                ),
+            ));
+        }
         if !identity.grants.may_publish(topic) {
             return Err(self.forbidden("publish to", topic));
         }
@@ -288,6 +298,22 @@ impl Broker {
                 })
                 .collect()
         }))
+    }
+
+    /// Publishes on one of the broker's own topics (`_crier.`); not counted as a client's publish.
+    pub(crate) fn publish_system(&self, topic: &str, data: Data) {
+        self.backend.publish(topic, data);
+    }
+
+    /// How many of this node's connections a message on `topic` would be queued for.
+    pub(crate) fn receivers(&self, topic: &str) -> usize {
+        self.hub.receivers(topic)
+    }
+
+    /// Figures over this node's connections.
+    pub(crate) fn connection_summary(&self) -> ConnectionSummary {
+        self.connections
+            .summary(self.config.max_buffered_bytes / 2, &[])
     }
 
     fn publish_checked(&self, topic: &str, data: Data, source: Source) -> Accepted {

@@ -57,6 +57,55 @@ impl ConnectionTable {
     }
 }
 
+/// Figures over the open connections (and what closed ones left behind), read without a lock
+/// that publishing needs.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct ConnectionSummary {
+    /// Open connections, by [`Encoding`] index.
+    pub by_encoding: [u64; 2],
+    pub subscriptions: u64,
+    /// Bytes queued for clients and not yet taken by their sockets, summed and at most.
+    pub buffered_sum: u64,
+    pub buffered_max: u64,
+    /// Connections above `half_cap` buffered bytes.
+    pub slow: u64,
+    /// Connections per bucket of buffered bytes.
+    pub buffered_counts: Vec<u64>,
+    pub sent_bytes: u64,
+    pub wait: WaitTotals,
+}
+
+impl ConnectionTable {
+    /// Sums the connections' figures; `buckets` are the upper bounds to count buffered amounts in.
+    pub(crate) fn summary(&self, half_cap: usize, buckets: &[f64]) -> ConnectionSummary {
+        let mut summary = ConnectionSummary {
+            buffered_counts: vec![0; buckets.len()],
+            ..Default::default()
+        };
+        let retired = self.retired.lock();
+        summary.wait = retired.wait.clone();
+        summary.sent_bytes = retired.sent_bytes;
+        for entry in self.live.iter() {
+            let conn = entry.value();
+            let stats = conn.queue.stats();
+            summary.by_encoding[conn.encoding as usize] += 1;
+            summary.subscriptions += conn.subscription_count() as u64;
+            let (buffered, _) = conn.queue.buffered();
+            summary.buffered_sum += buffered as u64;
+            summary.buffered_max = summary.buffered_max.max(buffered as u64);
+            if buffered > half_cap {
+                summary.slow += 1;
+            }
+            if let Some(i) = buckets.iter().position(|&b| buffered as f64 <= b) {
+                summary.buffered_counts[i] += 1;
+            }
+            summary.sent_bytes += stats.sent_bytes();
+            stats.wait().add_to(&mut summary.wait);
+        }
+        summary
+    }
+}
+
 /// The figures computed from live connections at scrape time.
 pub(crate) struct ConnectionCollector {
     table: Weak<ConnectionTable>,
@@ -149,37 +198,16 @@ impl Collector for ConnectionCollector {
         let Some(table) = self.table.upgrade() else {
             return Vec::new();
         };
-        let mut by_encoding = [0u64; 2];
-        let (mut subscriptions, mut buffered_sum, mut buffered_max, mut slow) =
-            (0u64, 0u64, 0u64, 0u64);
-        let mut buffered_counts = vec![0u64; self.buffered_buckets.len()];
-        let (sent_bytes, wait) = {
-            let retired = table.retired.lock();
-            let mut wait = retired.wait.clone();
-            let mut sent = retired.sent_bytes;
-            for entry in table.live.iter() {
-                let conn = entry.value();
-                let stats = conn.queue.stats();
-                by_encoding[conn.encoding as usize] += 1;
-                subscriptions += conn.subscription_count() as u64;
-                let (buffered, _) = conn.queue.buffered();
-                buffered_sum += buffered as u64;
-                buffered_max = buffered_max.max(buffered as u64);
-                if buffered > self.half_cap {
-                    slow += 1;
-                }
-                if let Some(i) = self
-                    .buffered_buckets
-                    .iter()
-                    .position(|&b| buffered as f64 <= b)
-                {
-                    buffered_counts[i] += 1;
-                }
-                sent += stats.sent_bytes();
-                stats.wait().add_to(&mut wait);
-            }
-            (sent, wait)
-        };
+        let ConnectionSummary {
+            by_encoding,
+            subscriptions,
+            buffered_sum,
+            buffered_max,
+            slow,
+            buffered_counts,
+            sent_bytes,
+            wait,
+        } = table.summary(self.half_cap, &self.buffered_buckets);
         let connections = by_encoding.iter().sum::<u64>();
         let help = |i: usize| FAMILIES[i].1;
         let name = |i: usize| FAMILIES[i].0;

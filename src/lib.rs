@@ -29,6 +29,7 @@ mod broker;
 mod config;
 mod connection;
 mod connections;
+mod dashboard;
 mod data;
 mod frame;
 #[cfg(any(test, feature = "fuzzing"))]
@@ -39,6 +40,7 @@ mod metrics;
 mod model;
 mod queue;
 mod server;
+mod stats;
 mod table;
 mod topic;
 mod ws;

@@ -132,6 +132,18 @@ impl Refused {
     }
 }
 
+/// Event counts since the start, summed over their labels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Totals {
+    pub published: u64,
+    pub delivered: u64,
+    pub dropped: [(&'static str, u64); DropReason::ALL.len()],
+    pub connections_accepted: u64,
+    pub connections_closed: u64,
+    pub refused: u64,
+    pub errors: u64,
+}
+
 /// Reasons a connection closes, as counted in `crier_connections_closed_total`.
 pub(crate) const CLOSE_REASONS: [&str; 9] = [
     "client",
@@ -481,6 +493,28 @@ impl Metrics {
 
     pub(crate) fn error_sent(&self, code: ErrorCode) {
         self.errors[code as usize].inc();
+    }
+
+    /// Totals since the start, for the `_crier.stats` topic.
+    pub(crate) fn totals(&self) -> Totals {
+        let sum = |counters: &mut dyn Iterator<Item = &IntCounter>| counters.map(|c| c.get()).sum();
+        Totals {
+            published: sum(&mut self.published.iter().flatten()),
+            delivered: sum(&mut self.delivered.iter()),
+            dropped: DropReason::ALL.map(|reason| {
+                (
+                    reason.as_str(),
+                    sum(&mut self.dropped.iter().map(|ns| &ns[reason as usize])),
+                )
+            }),
+            connections_accepted: self.connections_accepted.get(),
+            connections_closed: CLOSE_REASONS
+                .iter()
+                .map(|r| self.connections_closed.with_label_values(&[*r]).get())
+                .sum(),
+            refused: sum(&mut self.refused.iter()),
+            errors: sum(&mut self.errors.iter()),
+        }
     }
 
     pub(crate) fn refused(&self, reason: Refused) {

@@ -14,6 +14,8 @@ use tokio::sync::watch;
 use crate::api;
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::dashboard;
+use crate::stats::StatsPublisher;
 use crate::ws;
 
 /// The HTTP layer's per-connection write buffer.
@@ -59,6 +61,7 @@ impl Server {
                 .app_data(data.clone())
                 .service(api::resource("/ws").route(web::get().to(ws::upgrade)))
                 .configure(api::routes)
+                .configure(dashboard::routes)
                 .default_service(web::to(api::not_found))
         })
         .on_connect(ws::on_accept(config.socket_unsent_bytes))
@@ -261,11 +264,14 @@ async fn count_requests(
     Ok(response)
 }
 
-/// Periodic upkeep: forgetting idle topics.
+/// Periodic upkeep: forgetting idle topics, publishing `_crier.stats`.
 async fn housekeeping(broker: Arc<Broker>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut stats = StatsPublisher::default();
     loop {
         tick.tick().await;
-        broker.sweep(Instant::now());
+        let now = Instant::now();
+        broker.sweep(now);
+        stats.tick(&broker, now);
     }
 }

@@ -9,6 +9,9 @@ use std::sync::Arc;
 
 pub(crate) const MAX_TOPIC_BYTES: usize = 255;
 
+/// The first segment of the broker's own topics (`_crier.stats`): only the broker publishes there.
+pub(crate) const SYSTEM_NAMESPACE: &str = "_crier";
+
 /// Why a topic or pattern was refused; the text is shown to the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct InvalidTopic(pub String);
@@ -84,8 +87,13 @@ fn is_topic_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '@')
 }
 
-/// Whether a (valid) pattern matches a (valid) topic.
+/// Whether a (valid) pattern matches a (valid) topic. The broker's own topics
+/// ([`SYSTEM_NAMESPACE`]) are matched only by patterns that name their namespace: `>` and `*.x`
+/// do not reach them.
 pub(crate) fn matches(pattern: &str, topic: &str) -> bool {
+    if namespace(topic) == SYSTEM_NAMESPACE && namespace(pattern) != SYSTEM_NAMESPACE {
+        return false;
+    }
     let mut topic_segments = topic.split('.');
     for p in pattern.split('.') {
         match (p, topic_segments.next()) {

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use parking_lot::RwLock;
 
 use crate::model::ConnectionId;
+use crate::topic;
 
 pub(crate) struct PatternIndex<T> {
     root: RwLock<Node<T>>,
@@ -187,7 +188,15 @@ impl<T: Clone> PatternIndex<T> {
         let mut out = Vec::new();
         let root = self.root.read();
         let generation = self.generation();
-        root.collect(&segments, &mut out);
+        match segments.split_first() {
+            // The broker's own topics are matched only by patterns that name their namespace.
+            Some((&first, rest)) if first == topic::SYSTEM_NAMESPACE => {
+                if let Some(child) = root.literal.get(first) {
+                    child.collect(rest, &mut out);
+                }
+            }
+            _ => root.collect(&segments, &mut out),
+        }
         (generation, out)
     }
 }
