@@ -19,8 +19,9 @@ use crate::topic::{self, Subject};
 /// Verifies credentials against what the configuration trusts.
 pub(crate) struct Authenticator {
     jwt: Option<Jwt>,
-    api_keys: Vec<Box<[u8]>>,
-    metrics_token: Option<Box<[u8]>>,
+    /// SHA-256 digests of the keys.
+    api_keys: Vec<[u8; 32]>,
+    metrics_token: Option<[u8; 32]>,
     open: Arc<Identity>,
     anonymous: Arc<Identity>,
 }
@@ -122,9 +123,12 @@ impl Authenticator {
             api_keys: config
                 .api_keys
                 .iter()
-                .map(|k| k.as_bytes().into())
+                .map(|k| digest(k.as_bytes()))
                 .collect(),
-            metrics_token: config.metrics_token.as_deref().map(|t| t.as_bytes().into()),
+            metrics_token: config
+                .metrics_token
+                .as_deref()
+                .map(|t| digest(t.as_bytes())),
             open: Arc::new(Identity {
                 user: None,
                 credential: Credential::Open,
@@ -195,18 +199,28 @@ impl Authenticator {
                 subscribe: grant(claims.crier.subscribe, "subscribe")?,
                 publish: grant(claims.crier.publish, "publish")?,
             },
-            expires_at: Some(UNIX_EPOCH + Duration::from_secs(claims.exp) + jwt.leeway),
+            expires_at: Some(
+                UNIX_EPOCH
+                    .checked_add(Duration::from_secs(claims.exp))
+                    .and_then(|exp| exp.checked_add(jwt.leeway))
+                    .ok_or_else(|| InvalidToken("the token's exp is out of range".into()))?,
+            ),
         }))
     }
 
-    /// Whether `presented` is one of the API keys, compared in constant time.
+    /// Whether `presented` is one of the API keys, compared in constant time: digests of equal
+    /// length are compared, so not even a key's length leaks.
     pub(crate) fn is_api_key(&self, presented: &str) -> bool {
-        let presented = presented.as_bytes();
+        let presented = digest(presented.as_bytes());
         let mut found = subtle::Choice::from(0);
         for key in &self.api_keys {
-            found |= key.ct_eq(presented);
+            found |= key.ct_eq(&presented);
         }
         found.into()
+    }
+
+    pub(crate) fn metrics_token_required(&self) -> bool {
+        self.metrics_token.is_some()
     }
 
     /// Whether the HTTP API is open to requests without credentials.
@@ -218,10 +232,15 @@ impl Authenticator {
     pub(crate) fn metrics_allowed(&self, presented: Option<&str>) -> bool {
         match (&self.metrics_token, presented) {
             (None, _) => true,
-            (Some(token), Some(presented)) => token.ct_eq(presented.as_bytes()).into(),
+            (Some(token), Some(presented)) => token.ct_eq(&digest(presented.as_bytes())).into(),
             (Some(_), None) => false,
         }
     }
+}
+
+fn digest(secret: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(secret).into()
 }
 
 /// The JWT key the configuration names, and the one algorithm it verifies.
@@ -441,6 +460,35 @@ mod tests {
         for &(granted, subject, expected) in cases {
             assert_eq!(may(granted, subject), expected, "{granted:?} {subject}");
         }
+    }
+
+    #[test]
+    fn keys_are_compared_whole() {
+        let mut config = Config::default();
+        config.api_keys = vec!["k1-secret".into(), "k2-secret".into()];
+        config.metrics_token = Some("m".into());
+        let auth = Authenticator::from_config(&config).unwrap();
+        assert!(auth.is_api_key("k1-secret") && auth.is_api_key("k2-secret"));
+        assert!(
+            !auth.is_api_key("k1-secre") && !auth.is_api_key("k1-secretx") && !auth.is_api_key("")
+        );
+        assert!(auth.metrics_allowed(Some("m")) && !auth.metrics_allowed(Some("mm")));
+        assert!(!auth.metrics_allowed(None));
+    }
+
+    #[test]
+    fn an_exp_out_of_range_is_an_invalid_token_not_a_panic() {
+        let secret = "a test secret that is long enough for HS256";
+        let mut config = Config::default();
+        config.jwt_secret = Some(secret.into());
+        let auth = Authenticator::from_config(&config).unwrap();
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub": "u", "exp": u64::MAX}),
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).unwrap(),
+        )
+        .unwrap();
+        assert!(auth.authenticate(&token).is_err());
     }
 
     #[test]

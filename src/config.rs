@@ -156,8 +156,8 @@ pub struct Config {
     pub metrics_token: Option<String>,
 
     /// Origins (`scheme://host[:port]`) whose pages may open WebSockets, comma-separated; `*` for
-    /// any. A page's own origin (the `Host` it connects to) is always allowed, and clients that
-    /// send no `Origin` (non-browsers) are not affected.
+    /// any. The server's own origin is allowed when addressed by IP or `localhost` (list it when
+    /// reached under a host name); clients that send no `Origin` (non-browsers) are not affected.
     #[arg(long, env = "CRIER_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 

@@ -92,12 +92,24 @@ pub(crate) async fn upgrade(
         ));
     }
     actix_http::ws::verify_handshake(req.head()).map_err(handshake_error)?;
-    check_origin(&req, &broker.config().allowed_origins).inspect_err(|_| {
+    check_origin(
+        &req,
+        &broker.config().allowed_origins,
+        broker.config().tls_cert.is_some(),
+    )
+    .inspect_err(|_| {
         broker.metrics().refused(Refused::Origin);
     })?;
     let query = web::Query::<WsQuery>::from_query(req.query_string())
         .map_err(|e| ApiError::bad_request(format!("bad query string: {e}")))?;
-    let identity = match query.token.as_deref().or(bearer_token(&req, &broker)?) {
+    // A token in the query wins; the header is read only when credentials matter, so that an
+    // open broker behind a proxy with its own (Basic) authentication is not disturbed.
+    let presented = match query.token.as_deref() {
+        Some(token) => Some(token),
+        None if broker.auth().required() => bearer_token(&req, &broker)?,
+        None => None,
+    };
+    let identity = match presented {
         Some(token) => broker.auth().authenticate(token).map_err(|invalid| {
             broker.metrics().refused(Refused::InvalidToken);
             ApiError::invalid_token(invalid)
@@ -210,9 +222,11 @@ fn limits(config: &Config) -> Limits {
 }
 
 /// Refuses a browser page from another origin (cross-site WebSocket hijacking): its `Origin`
-/// must be the server's own (the `Host` it connected to) or in `--allowed-origins`. Clients that
-/// send no `Origin` are not browsers and are not affected.
-fn check_origin(req: &HttpRequest, allowed: &[String]) -> Result<(), ApiError> {
+/// must be in `--allowed-origins` (or the list is `*`), or be the server's own origin addressed
+/// by IP or `localhost` (the dashboard at `/`, reached as `http://127.0.0.1:8080/`). A page's
+/// own origin under a host name must be listed: a host name is what a DNS-rebinding page sends
+/// as its `Host`. Clients that send no `Origin` are not browsers and are not affected.
+fn check_origin(req: &HttpRequest, allowed: &[String], tls: bool) -> Result<(), ApiError> {
     let Some(origin) = req.headers().get(header::ORIGIN) else {
         return Ok(());
     };
@@ -223,11 +237,12 @@ fn check_origin(req: &HttpRequest, allowed: &[String]) -> Result<(), ApiError> {
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or_default();
-    let same_site = !own.is_empty()
+    let scheme = if tls { "https" } else { "http" };
+    let same_origin = is_address(own)
         && origin
             .split_once("://")
-            .is_some_and(|(_, host)| host.eq_ignore_ascii_case(own));
-    if same_site
+            .is_some_and(|(s, host)| s == scheme && host.eq_ignore_ascii_case(own));
+    if same_origin
         || allowed
             .iter()
             .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin))
@@ -239,6 +254,20 @@ fn check_origin(req: &HttpRequest, allowed: &[String]) -> Result<(), ApiError> {
         "origin_not_allowed",
         format!("pages from {origin:?} may not connect here; see --allowed-origins"),
     ))
+}
+
+/// Whether a `Host` header names the server by address (an IP literal or `localhost`, with an
+/// optional port), which no other site's page can be served under.
+fn is_address(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => {
+            return v6
+                .split_once(']')
+                .is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok());
+        }
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
 }
 
 fn handshake_error(err: HandshakeError) -> ApiError {
@@ -569,6 +598,28 @@ mod tests {
             ])
             .is_err()
         );
+    }
+
+    #[test]
+    fn only_hosts_given_by_address_count_as_the_server_itself() {
+        for host in [
+            "127.0.0.1:8080",
+            "localhost:8080",
+            "LOCALHOST",
+            "[::1]:8080",
+            "10.0.0.5",
+        ] {
+            assert!(is_address(host), "{host}");
+        }
+        for host in [
+            "evil.example:8080",
+            "crier.example.com",
+            "127.0.0.1.evil.example",
+            "[nope]:1",
+            "",
+        ] {
+            assert!(!is_address(host), "{host}");
+        }
     }
 
     #[test]

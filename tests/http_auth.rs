@@ -340,6 +340,24 @@ async fn allowed_origins_decide_which_pages_may_connect() {
     );
     assert_eq!(status(&default, Some(&own)).await, opened);
     assert_eq!(status(&default, None).await, opened);
+    let own_on_https = format!("https://{}", default.addr);
+    assert_eq!(
+        status(&default, Some(&own_on_https)).await,
+        forbidden,
+        "a page of another scheme is another origin"
+    );
+    // A DNS-rebinding page: its name now points at this server, and the browser sends that
+    // name as both Host and Origin. Only origins addressed by IP or localhost are the server's own.
+    let rebound = format!("evil.example:{}", default.addr.port());
+    let answer = handshake(
+        &default,
+        "",
+        &[("Host", &rebound), ("Origin", &format!("http://{rebound}"))],
+    )
+    .await;
+    answer
+        .answer
+        .assert_error(403, "origin_not_allowed", "a rebound host name");
 }
 
 /// Waits until the server holds no WebSocket connection, so that the next step starts with

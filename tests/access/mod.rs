@@ -239,13 +239,20 @@ pub async fn handshake_from(
     headers: &[(&str, &str)],
 ) -> Handshake {
     let stream = connect_from(source, server.addr).await;
+    // A `Host` among `headers` replaces the server's address.
+    let host = headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("host"))
+        .map_or_else(|| server.addr.to_string(), |(_, value)| (*value).to_owned());
     let mut request = format!(
-        "GET /ws{query} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+        "GET /ws{query} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         Sec-WebSocket-Protocol: crier.json\r\n",
-        server.addr
+         Sec-WebSocket-Protocol: crier.json\r\n"
     );
-    for (name, value) in headers {
+    for (name, value) in headers
+        .iter()
+        .filter(|(n, _)| !n.eq_ignore_ascii_case("host"))
+    {
         request.push_str(&format!("{name}: {value}\r\n"));
     }
     request.push_str("\r\n");
