@@ -176,7 +176,11 @@ try {
   const connectionBefore = await page.$eval('#connections tr.self', (row) => row.dataset.id);
   const statsBefore = (await figures()).statsTime;
   phase = 'restart';
-  const restarted = await step('restart');
+  const killed = await step('kill');
+  if (!killed.killed) throw new Error(`unexpected answer ${JSON.stringify(killed)}`);
+  // The broker stays down until the page says so.
+  await page.waitForFunction(() => document.getElementById('status').textContent === 'offline', null, { timeout: 30000 });
+  const restarted = await step('start');
   if (!restarted.restarted) throw new Error(`unexpected answer ${JSON.stringify(restarted)}`);
   await page.waitForFunction(() => document.getElementById('status').textContent === 'connected', null, { timeout: 30000 });
   const statusLog = await page.evaluate(() => window.statusLog);
