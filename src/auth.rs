@@ -464,9 +464,11 @@ mod tests {
 
     #[test]
     fn keys_are_compared_whole() {
-        let mut config = Config::default();
-        config.api_keys = vec!["k1-secret".into(), "k2-secret".into()];
-        config.metrics_token = Some("m".into());
+        let config = Config {
+            api_keys: vec!["k1-secret".into(), "k2-secret".into()],
+            metrics_token: Some("m".into()),
+            ..Config::default()
+        };
         let auth = Authenticator::from_config(&config).unwrap();
         assert!(auth.is_api_key("k1-secret") && auth.is_api_key("k2-secret"));
         assert!(
@@ -479,8 +481,10 @@ mod tests {
     #[test]
     fn an_exp_out_of_range_is_an_invalid_token_not_a_panic() {
         let secret = "a test secret that is long enough for HS256";
-        let mut config = Config::default();
-        config.jwt_secret = Some(secret.into());
+        let config = Config {
+            jwt_secret: Some(secret.into()),
+            ..Config::default()
+        };
         let auth = Authenticator::from_config(&config).unwrap();
         let token = jsonwebtoken::encode(
             &jsonwebtoken::Header::new(Algorithm::HS256),
