@@ -183,6 +183,15 @@ function encodeError(error) {
 
 let textEncoder = null;
 
+/** A message's size before it can be encoded: its JSON text's, or nothing if it has none. */
+function estimatedSize(message) {
+  try {
+    return utf8Length(JSON.stringify(message) ?? "");
+  } catch {
+    return 0;
+  }
+}
+
 function utf8Length(text) {
   textEncoder ??= new TextEncoder();
   return textEncoder.encode(text).length;
@@ -453,7 +462,12 @@ export class Crier extends EventTarget {
         this.#transmit(entry);
         return;
       }
-      if (this.#queued() > 0 && this.#queuedBytes + size > this.#highWaterMark) {
+      // Counted in bytes: a JSON frame's UTF-8 length; a message still waiting for the
+      // MessagePack codec, by its JSON size (close to its MessagePack one) until it is encoded.
+      entry.size = frame
+        ? typeof frame === "string" ? utf8Length(frame) : frame.byteLength
+        : estimatedSize(message);
+      if (this.#queued() > 0 && this.#queuedBytes + entry.size > this.#highWaterMark) {
         reject(
           new CrierError(
             "buffer_full",
@@ -463,7 +477,7 @@ export class Crier extends EventTarget {
         return;
       }
       this.#queue.push(entry);
-      this.#queuedBytes += size;
+      this.#queuedBytes += entry.size;
       this.#scheduleDrain();
     });
   }
@@ -1224,8 +1238,8 @@ export class Crier extends EventTarget {
           continue;
         }
         entry.message = null;
+        this.#queuedBytes += entry.frame.byteLength - entry.size;
         entry.size = entry.frame.byteLength;
-        this.#queuedBytes += entry.size;
       }
       this.#queue.push(entry);
     }
