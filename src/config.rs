@@ -314,6 +314,78 @@ mod tests {
     }
 
     #[test]
+    fn security_flags_parse_as_documented() {
+        let config = Config::try_parse_from([
+            "crier",
+            "--api-key",
+            "one",
+            "--api-key",
+            "two,three",
+            "--allowed-origins",
+            "https://a.example,https://b.example",
+            "--jwt-secret-file",
+            "/run/secret",
+            "--jwt-leeway",
+            "0s",
+            "--publish-rate",
+            "50",
+        ])
+        .unwrap();
+        assert_eq!(config.api_keys, ["one", "two", "three"]);
+        assert_eq!(
+            config.allowed_origins,
+            ["https://a.example", "https://b.example"]
+        );
+        assert_eq!(
+            config.jwt_secret_file.as_deref(),
+            Some(std::path::Path::new("/run/secret"))
+        );
+        assert_eq!(
+            (config.jwt_leeway, config.publish_rate),
+            (Duration::ZERO, 50)
+        );
+        config.validate().unwrap();
+        let defaults = Config::try_parse_from(["crier"]).unwrap();
+        assert_eq!(
+            (
+                defaults.auth_timeout,
+                defaults.jwt_leeway,
+                defaults.handshake_timeout
+            ),
+            (
+                Duration::from_secs(10),
+                Duration::from_secs(5),
+                Duration::from_secs(5)
+            )
+        );
+        assert_eq!(
+            (
+                defaults.max_connections,
+                defaults.max_connections_per_ip,
+                defaults.max_bad_frames,
+                defaults.publish_rate
+            ),
+            (100_000, 1000, 100, 0)
+        );
+        // One kind of JWT key at a time; TLS needs both files.
+        for refused in [
+            &["crier", "--jwt-secret", "s", "--jwt-public-key", "k.pem"][..],
+            &["crier", "--jwt-secret", "s", "--jwt-secret-file", "f"],
+            &["crier", "--tls-cert", "c.pem"],
+        ] {
+            assert!(Config::try_parse_from(refused).is_err(), "{refused:?}");
+        }
+        for invalid in [
+            &["crier", "--allowed-origins", "app.example"][..],
+            &["crier", "--handshake-timeout", "500ms"],
+            &["crier", "--api-key", ""],
+        ] {
+            let config = Config::try_parse_from(invalid).unwrap();
+            assert!(config.validate().is_err(), "{invalid:?}");
+        }
+    }
+
+    #[test]
     fn nonsense_is_refused() {
         assert!(Config::try_parse_from(["crier", "--max-message-bytes", "lots"]).is_err());
         let config =
