@@ -351,7 +351,11 @@ async fn list_topics(
     operator(&req, &broker)?;
     let mut topics = broker.topics();
     topics.truncate(query.limit.unwrap_or(usize::MAX));
-    Ok(HttpResponse::Ok().json(json!({ "topics": topics })))
+    Ok(HttpResponse::Ok().json(json!({
+        "topics": topics,
+        "backend": broker.backend_name(),
+        "node": broker.node(),
+    })))
 }
 
 #[derive(Deserialize)]

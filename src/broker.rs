@@ -30,6 +30,8 @@ use crate::topic::{self, Subject};
 
 pub(crate) struct Broker {
     config: Config,
+    /// This process's id, unique per run: tells nodes apart (`welcome`, `/api/topics`, metrics).
+    node: Arc<str>,
     auth: Authenticator,
     metrics: Arc<Metrics>,
     hub: Arc<Hub>,
@@ -115,6 +117,8 @@ impl Broker {
         let metrics = Arc::new(Metrics::new(&config.metrics_namespaces));
         let hub = Arc::new(Hub::new(&config, metrics.clone()));
         let backend = make(&config, metrics.clone(), hub.clone());
+        let node: Arc<str> = format!("{:016x}", fastrand::u64(..)).into();
+        metrics.backend_info(backend.name(), &node);
         let connections = Arc::new(ConnectionTable::default());
         metrics.register(Box::new(ConnectionCollector::new(
             Arc::downgrade(&connections),
@@ -150,6 +154,7 @@ impl Broker {
             ));
             Broker {
                 config,
+                node,
                 auth,
                 metrics,
                 hub,
@@ -187,7 +192,12 @@ impl Broker {
         &self.metrics
     }
 
-    /// What the backend is called, for the logs.
+    /// This process's node id.
+    pub(crate) fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// What the backend is called (`memory`), for logs, `/api/topics` and metrics.
     pub(crate) fn backend_name(&self) -> &'static str {
         self.backend.name()
     }

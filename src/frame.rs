@@ -462,6 +462,8 @@ pub(crate) struct Limits {
 pub(crate) enum ServerFrame<'a> {
     Welcome {
         connection: &'a str,
+        /// The node (process) the connection landed on.
+        node: &'a str,
         encoding: &'static str,
         server: &'static str,
         limits: &'a Limits,

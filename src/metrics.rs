@@ -527,6 +527,20 @@ impl Metrics {
             .inc();
     }
 
+    /// `crier_backend_info{backend, node}`: which backend this node uses, and the node's id.
+    pub(crate) fn backend_info(&self, backend: &str, node: &str) {
+        let info = prometheus::IntGaugeVec::new(
+            opts(
+                "crier_backend_info",
+                "The backend this node uses and the node's id (unique per process); always 1.",
+            ),
+            &["backend", "node"],
+        )
+        .expect("valid metric");
+        info.with_label_values(&[backend, node]).set(1);
+        self.register(Box::new(info));
+    }
+
     /// Adds a collector whose figures are computed at scrape time.
     pub(crate) fn register(&self, collector: Box<dyn Collector>) {
         // Each owner registers its own, distinct families once.

@@ -179,6 +179,7 @@ pub(crate) async fn upgrade(
         encoding,
         &ServerFrame::Welcome {
             connection: &id,
+            node: broker.node(),
             encoding: encoding.name(),
             server: frame::SERVER,
             limits: &limits(config),

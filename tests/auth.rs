@@ -413,7 +413,7 @@ async fn without_a_token_only_auth_is_served_until_the_auth_timeout() {
     );
     // Nothing was published or subscribed.
     let topics = access::get(&server, "/api/topics", Some(API_KEY)).await;
-    assert_eq!(topics.body, json!({"topics": []}));
+    assert_eq!(topics.body["topics"], json!([]));
 
     // One that authenticates in time stays past the timeout.
     let (mut late, _) = access::connect(&server, Enc::Json, "", &[]).await;

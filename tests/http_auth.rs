@@ -64,8 +64,8 @@ async fn api_keys_guard_every_api_route() {
         scheme.assert_error(401, "unauthorized", &format!("{method} {path} with Basic"));
     }
     assert_eq!(
-        get(&server, "/api/topics", Some(KEY_ONE)).await.body,
-        json!({"topics": []}),
+        get(&server, "/api/topics", Some(KEY_ONE)).await.body["topics"],
+        json!([]),
         "the refused publishes published nothing"
     );
 

@@ -575,3 +575,37 @@ async fn the_welcome_says_whether_a_connection_batches() {
     let refused = tokio_tungstenite::connect_async(server.ws_url("?batch=sometimes")).await;
     assert!(refused.is_err());
 }
+
+#[tokio::test]
+async fn welcome_names_the_node_the_api_and_metrics_name_it_and_the_backend() {
+    let (one, other) = (TestServer::start(), TestServer::start());
+    let welcome = |server: &TestServer| {
+        let url = server.ws_url("");
+        async move {
+            let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+            decode(&ws.next().await.unwrap().unwrap()).unwrap()
+        }
+    };
+    let (w1, w2, w3) = (
+        welcome(&one).await,
+        welcome(&one).await,
+        welcome(&other).await,
+    );
+    let node = w1["node"].as_str().unwrap().to_owned();
+    assert_eq!(node.len(), 16, "{w1}");
+    assert_eq!(w2["node"], node.as_str(), "one process, one node");
+    assert_ne!(w3["node"], node.as_str(), "another process, another node");
+    assert_ne!(w1["connection"], w2["connection"]);
+    let topics = one.get("/api/topics").await;
+    assert_eq!(
+        (topics["backend"].clone(), topics["node"].clone()),
+        (json!("memory"), json!(node))
+    );
+    let scrape = one.scrape().await;
+    assert_eq!(
+        scrape.get(&format!(
+            "crier_backend_info{{backend=\"memory\",node=\"{node}\"}}"
+        )),
+        1.0
+    );
+}
