@@ -91,6 +91,9 @@ impl Message {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 pub struct Welcome {
     pub connection: String,
+    /// The node (server process) the connection landed on; older servers do not send it.
+    #[serde(default)]
+    pub node: Option<String>,
     pub encoding: String,
     pub server: String,
     pub limits: Limits,

@@ -51,6 +51,11 @@ async fn publish_and_subscribe_in_both_encodings() {
                 "msgpack"
             }
         );
+        assert_eq!(
+            client.welcome().node.as_ref().map(String::len),
+            Some(16),
+            "the node it landed on"
+        );
         let topic = format!("orders.{encoding:?}");
         let subscribed = client.subscribe(&topic).await.unwrap();
         let (epoch, seq) = subscribed.stream.expect("a topic's stream");
