@@ -342,42 +342,40 @@ impl Grants {
 
     /// Whether `topic` (a valid topic, no wildcards) may be published to.
     pub(crate) fn may_publish(&self, topic: &str) -> bool {
-        match &self.publish {
-            Grant::Everything => true,
-            Grant::Patterns(grants) => grants.iter().any(|g| topic::matches(g, topic)),
-        }
+        self.publish.allows(topic)
     }
 
     /// Whether a subscription to exactly `topic` may be made (for reading its history).
     pub(crate) fn may_read(&self, topic: &str) -> bool {
-        match &self.subscribe {
-            Grant::Everything => true,
-            Grant::Patterns(grants) => grants.iter().any(|g| topic::matches(g, topic)),
-        }
+        self.subscribe.allows(topic)
     }
 }
 
 impl Grant {
-    fn covers(&self, subject: &Subject) -> bool {
-        let grants = match self {
-            Grant::Everything => return true,
-            Grant::Patterns(grants) => grants,
-        };
-        match subject {
-            Subject::Topic(topic) => grants.iter().any(|g| topic::matches(g, topic)),
-            Subject::Pattern(pattern) => {
-                let segments: Vec<&str> = pattern.split('.').collect();
-                // Only grants that name the broker's namespace reach its topics (as patterns do).
-                let system = segments[0] == topic::SYSTEM_NAMESPACE;
-                let grants: Vec<Vec<&str>> = grants
-                    .iter()
-                    .filter(|g| !system || topic::namespace(g) == topic::SYSTEM_NAMESPACE)
-                    .map(|g| g.split('.').collect())
-                    .collect();
-                let grants: Vec<&[&str]> = grants.iter().map(Vec::as_slice).collect();
-                covered(&segments, &grants)
-            }
+    /// Whether one topic is granted: some pattern matches it.
+    fn allows(&self, topic: &str) -> bool {
+        match self {
+            Grant::Everything => true,
+            Grant::Patterns(grants) => grants.iter().any(|g| topic::matches(g, topic)),
         }
+    }
+
+    fn covers(&self, subject: &Subject) -> bool {
+        let (grants, pattern) = match (self, subject) {
+            (_, Subject::Topic(topic)) => return self.allows(topic),
+            (Grant::Everything, _) => return true,
+            (Grant::Patterns(grants), Subject::Pattern(pattern)) => (grants, pattern),
+        };
+        let segments: Vec<&str> = pattern.split('.').collect();
+        // Only grants that name the broker's namespace reach its topics (as patterns do).
+        let system = segments[0] == topic::SYSTEM_NAMESPACE;
+        let grants: Vec<Vec<&str>> = grants
+            .iter()
+            .filter(|g| !system || topic::namespace(g) == topic::SYSTEM_NAMESPACE)
+            .map(|g| g.split('.').collect())
+            .collect();
+        let grants: Vec<&[&str]> = grants.iter().map(Vec::as_slice).collect();
+        covered(&segments, &grants)
     }
 }
 

@@ -363,15 +363,7 @@ async fn connect_stream(
     let (ws, _) = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream))
         .await
         .unwrap_or_else(|e| panic!("connecting with {query:?} {headers:?}: {e}"));
-    let mut client = Client {
-        ws,
-        enc,
-        id: String::new(),
-    };
-    let welcome = client.recv().await;
-    assert_eq!(welcome["op"], "welcome", "{welcome}");
-    client.id = welcome["connection"].as_str().unwrap().to_owned();
-    (client, welcome)
+    Client::welcomed_with(ws, enc).await
 }
 
 /// Connects with `?token=<token>`; returns the client and its `welcome`.

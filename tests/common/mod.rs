@@ -271,6 +271,11 @@ impl Client {
     }
 
     pub async fn welcomed(ws: Ws, enc: Enc) -> Client {
+        Client::welcomed_with(ws, enc).await.0
+    }
+
+    /// [`Client::welcomed`], and the welcome itself.
+    pub async fn welcomed_with(ws: Ws, enc: Enc) -> (Client, Value) {
         let mut client = Client {
             ws,
             enc,
@@ -279,7 +284,7 @@ impl Client {
         let welcome = client.recv().await;
         assert_eq!(welcome["op"], "welcome", "{welcome}");
         client.id = welcome["connection"].as_str().unwrap().to_owned();
-        client
+        (client, welcome)
     }
 
     /// Sends a frame in this client's encoding.
