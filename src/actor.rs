@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use actix::{
@@ -20,7 +21,7 @@ use crate::broker::{Broker, Publisher, Refusal};
 use crate::connection::Connection;
 use crate::frame::{self, CloseCode, FrameError, FrameId, NamedTopic, Op, Request, ServerFrame};
 use crate::metrics::Refused;
-use crate::model::{ErrorCode, SubscribeOptions, Subscribed};
+use crate::model::{Answer, ErrorCode, SubscribeOptions, Subscribed};
 use crate::topic::Subject;
 
 /// How long a closing connection's socket may take nothing (the close frame, or what is queued
@@ -47,6 +48,10 @@ pub(crate) struct ConnectionActor {
     deadline: Option<SpawnHandle>,
     /// When the last bad frames came, at most `--max-bad-frames` of them.
     bad_frames: VecDeque<Instant>,
+    /// Set while a request waits on the backend (a subscribe over Redis): the frames read
+    /// meanwhile wait here, to be served in order after it.
+    waiting: bool,
+    deferred: VecDeque<Read>,
 }
 
 impl ConnectionActor {
@@ -62,14 +67,23 @@ impl ConnectionActor {
             reader: None,
             deadline: None,
             bad_frames: VecDeque::new(),
+            waiting: false,
+            deferred: VecDeque::new(),
         }
     }
 
     /// Makes the subscriptions asked for in the upgrade request (`?subscribe=`, already checked
     /// by the broker), before the client can see its `welcome` and act on it.
-    pub(crate) fn subscribe_on_connect(&self, topics: &[String]) {
+    pub(crate) async fn subscribe_on_connect(&self, topics: &[String]) {
         for topic in topics {
-            if let Err(refusal) = self.subscribe(topic, &SubscribeOptions::default(), None) {
+            let subscribing = subscribe(
+                self.broker.clone(),
+                self.conn.clone(),
+                topic.clone(),
+                SubscribeOptions::default(),
+                None,
+            );
+            if let Err(refusal) = subscribing.await {
                 self.reply_error(&refused(None, refusal));
             }
         }
@@ -113,8 +127,9 @@ impl ConnectionActor {
         if err.code == ErrorCode::RateLimited {
             return;
         }
+        // Nor is a backend that cannot be reached.
         let limit = self.broker.config().max_bad_frames;
-        if limit == 0 {
+        if limit == 0 || err.code == ErrorCode::Unavailable {
             return;
         }
         let now = Instant::now();
@@ -189,15 +204,44 @@ impl ConnectionActor {
             return self.reject(&err);
         }
         let answered = match request.op {
-            Op::Subscribe { topic, options } => self.subscribe(&topic, &options, id.as_ref()),
+            Op::Subscribe { topic, options } => {
+                let subscribing = subscribe(
+                    self.broker.clone(),
+                    self.conn.clone(),
+                    topic,
+                    options,
+                    id.clone(),
+                );
+                self.in_order(ctx, subscribing, move |actor, result| {
+                    actor.answered(id, result)
+                });
+                return;
+            }
             Op::Unsubscribe { topic } => self
                 .broker
                 .unsubscribe(&self.conn, &topic)
                 .map(|()| self.ack(id.as_ref(), None)),
-            Op::Publish { topic, data } => self
-                .broker
-                .publish(Publisher::Connection(&self.conn), &topic, data)
-                .map(|accepted| self.ack(id.as_ref(), Some(accepted.seq))),
+            Op::Publish { topic, data } => {
+                match self
+                    .broker
+                    .publish(Publisher::Connection(&self.conn), &topic, data)
+                {
+                    Ok(Answer::Now(accepted)) => {
+                        accepted.map(|accepted| self.ack(id.as_ref(), Some(accepted.seq)))
+                    }
+                    Ok(Answer::Later(accepted)) => {
+                        // Stored once the backend answers; later frames need not wait for it.
+                        let accepted = actix::fut::wrap_future::<_, Self>(accepted);
+                        ctx.spawn(accepted.map(move |accepted, actor, _ctx| {
+                            let answered =
+                                accepted.map(|accepted| actor.ack(id.as_ref(), Some(accepted.seq)));
+                            actor.answered(id, answered);
+                        }));
+                        return;
+                    }
+                    Err(refusal) => Err(refusal),
+                }
+            }
             Op::Ping => {
                 self.reply(&ServerFrame::Pong {
                     id: id.as_ref(),
@@ -208,9 +252,48 @@ impl ConnectionActor {
             }
             Op::Auth { .. } => Ok(()),
         };
+        self.answered(id, answered);
+    }
+
+    /// Answers a request that was refused; one that was served has answered already.
+    fn answered(&mut self, id: Option<FrameId>, answered: Result<(), Refusal>) {
         if let Err(refusal) = answered {
             self.reject(&refused(id, refusal));
         }
+    }
+
+    /// Runs `work` to its end now if it can (with the memory backend it always can); otherwise
+    /// the frames read after it wait until it ends, so that a connection's requests are served
+    /// in the order it sent them.
+    fn in_order<T: 'static>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        work: impl Future<Output = T> + 'static,
+        then: impl FnOnce(&mut Self, T) + 'static,
+    ) {
+        let mut work = Box::pin(work);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if let Poll::Ready(output) = work.as_mut().poll(&mut cx) {
+            return then(self, output);
+        }
+        self.waiting = true;
+        let work = actix::fut::wrap_future::<_, Self>(work);
+        ctx.wait(work.map(move |output, actor, ctx| {
+            actor.waiting = false;
+            then(actor, output);
+            actor.serve_deferred(ctx);
+        }));
+    }
+
+    /// Serves the frames that waited, until they are done or one has to wait in turn.
+    fn serve_deferred(&mut self, ctx: &mut Context<Self>) {
+        crate::queue::coalescing_wakes(|| {
+            while !self.waiting
+                && let Some(item) = self.deferred.pop_front()
+            {
+                self.handle_frame(item, ctx);
+            }
+        });
     }
 
     /// `auth`: a first token, or a fresh one before the current one expires. The new grants
@@ -271,34 +354,6 @@ impl ConnectionActor {
             tracing::debug!(connection = %actor.conn.id, code = code.code, "closing: {}", code.reason);
             actor.close(code);
         }));
-    }
-
-    /// Subscribes (or changes an existing subscription's options). The ack, when `id` is given,
-    /// is queued before any replayed or live message of the subscription.
-    fn subscribe(
-        &self,
-        topic: &str,
-        options: &SubscribeOptions,
-        id: Option<&FrameId>,
-    ) -> Result<(), Refusal> {
-        let conn = &self.conn;
-        let mut acknowledge = |subscribed: &Subscribed| {
-            let Some(id) = id else { return };
-            let (epoch, seq) = match &subscribed.stream {
-                Some(position) => (Some(&*position.epoch), Some(position.seq)),
-                None => (None, None),
-            };
-            let ack = ServerFrame::Ack {
-                id,
-                seq,
-                epoch,
-                recovered: subscribed.recovered,
-                expires_at: None,
-            };
-            conn.queue.push_control(frame::encode(conn.encoding, &ack));
-        };
-        self.broker
-            .subscribe(conn, topic, options, &mut acknowledge)
     }
 
     /// Closes because of what the client sent: stop reading and send the close frame after what
@@ -416,6 +471,38 @@ impl Actor for ConnectionActor {
     }
 }
 
+/// Subscribes (or changes an existing subscription's options). The ack, when `id` is given, is
+/// queued before any replayed or live message of the subscription.
+async fn subscribe(
+    broker: Arc<Broker>,
+    conn: Arc<Connection>,
+    topic: String,
+    options: SubscribeOptions,
+    id: Option<FrameId>,
+) -> Result<(), Refusal> {
+    let queue_conn = conn.clone();
+    let mut acknowledge = move |subscribed: &Subscribed| {
+        let Some(id) = &id else { return };
+        let (epoch, seq) = match &subscribed.stream {
+            Some(position) => (Some(&*position.epoch), Some(position.seq)),
+            None => (None, None),
+        };
+        let ack = ServerFrame::Ack {
+            id,
+            seq,
+            epoch,
+            recovered: subscribed.recovered,
+            expires_at: None,
+        };
+        queue_conn
+            .queue
+            .push_control(frame::encode(queue_conn.encoding, &ack));
+    };
+    broker
+        .subscribe(&conn, &topic, &options, &mut acknowledge)
+        .await
+}
+
 /// The client's frames in batches: everything already read, up to [`BATCH_FRAMES`].
 struct Batches<S>(S);
 
@@ -451,9 +538,15 @@ impl StreamHandler<Vec<Read>> for ConnectionActor {
     fn handle(&mut self, batch: Vec<Read>, ctx: &mut Self::Context) {
         // Subscribers' writers are woken once for the whole batch, not once per publish.
         crate::queue::coalescing_wakes(|| {
-            for item in batch {
+            let mut batch = batch.into_iter();
+            for item in batch.by_ref() {
+                if self.waiting {
+                    self.deferred.push_back(item);
+                    break;
+                }
                 self.handle_frame(item, ctx);
             }
+            self.deferred.extend(batch);
         });
     }
 

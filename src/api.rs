@@ -59,6 +59,7 @@ impl From<Refusal> for ApiError {
             ErrorCode::Unauthorized | ErrorCode::InvalidToken => StatusCode::UNAUTHORIZED,
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError::from_code(status, refusal.code, refusal.message)
     }
@@ -262,7 +263,10 @@ async fn publish_one(
     let encoding = body_encoding(&req)?;
     let body = read_body(payload, broker.config().max_message_bytes).await?;
     let data = decode_data(encoding, body)?;
-    let accepted = broker.publish(Publisher::Http(&identity), &topic, data)?;
+    let accepted = broker
+        .publish(Publisher::Http(&identity), &topic, data)?
+        .get()
+        .await?;
     Ok(HttpResponse::Ok().json(PublishResult::new(topic, accepted)))
 }
 
@@ -330,7 +334,8 @@ async fn publish_batch(
     let body = read_body(payload, broker.config().max_batch_bytes).await?;
     let items = decode_batch(encoding, &body)?;
     let results: Vec<PublishResult> = broker
-        .publish_batch(&identity, items)?
+        .publish_batch(&identity, items)
+        .await?
         .into_iter()
         .map(|(topic, accepted)| PublishResult::new(topic, accepted))
         .collect();
@@ -349,7 +354,7 @@ async fn list_topics(
     broker: web::Data<Broker>,
 ) -> Result<HttpResponse, ApiError> {
     operator(&req, &broker)?;
-    let mut topics = broker.topics();
+    let mut topics = broker.topics().await?;
     topics.truncate(query.limit.unwrap_or(usize::MAX));
     Ok(HttpResponse::Ok().json(json!({
         "topics": topics,
@@ -381,7 +386,8 @@ async fn topic_history(
     let identity = credentials(&req, &broker)?;
     let since = query.since.unwrap_or(0);
     let page = broker
-        .history(&identity, &topic, since, query.limit.unwrap_or(usize::MAX))?
+        .history(&identity, &topic, since, query.limit.unwrap_or(usize::MAX))
+        .await?
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -487,6 +493,9 @@ async fn metrics(req: HttpRequest, broker: web::Data<Broker>) -> Result<HttpResp
 async fn readyz(broker: web::Data<Broker>) -> HttpResponse {
     if broker.is_shutting_down() {
         HttpResponse::ServiceUnavailable().json(json!({"status": "shutting_down"}))
+    } else if !broker.backend_ready() {
+        HttpResponse::ServiceUnavailable()
+            .json(json!({"status": "unavailable", "backend": broker.backend_name()}))
     } else {
         HttpResponse::Ok().json(json!({"status": "ready"}))
     }

@@ -16,7 +16,9 @@ use serde::Serialize;
 use crate::admission::{Admission, AdmissionLimit, Admissions};
 use crate::auth::{Authenticator, Identity};
 use crate::backend::memory::MemoryBackend;
-use crate::backend::{Backend, DeliverySink, HistoryPage, HistoryQuery};
+use crate::backend::{
+    Answer, Backend, DeliverySink, HistoryPage, HistoryQuery, Published, StreamFilter, Unavailable,
+};
 use crate::config::Config;
 use crate::connection::Connection;
 use crate::connections::{ConnectionCollector, ConnectionSummary, ConnectionTable};
@@ -36,6 +38,9 @@ pub(crate) struct Broker {
     metrics: Arc<Metrics>,
     hub: Arc<Hub>,
     backend: Arc<dyn Backend>,
+    /// Where the broker's own topics (`_crier.`) live when `backend` is shared with other nodes:
+    /// they are about this node.
+    system: Option<Arc<MemoryBackend>>,
     connections: Arc<ConnectionTable>,
     admissions: Admissions,
     shutting_down: AtomicBool,
@@ -56,6 +61,18 @@ impl Refusal {
         }
     }
 }
+
+impl From<Unavailable> for Refusal {
+    fn from(unavailable: Unavailable) -> Self {
+        Refusal::new(
+            ErrorCode::Unavailable,
+            format!("the backend is unavailable: {unavailable}"),
+        )
+    }
+}
+
+/// A publish the broker accepted: answered now, or once the backend has stored it.
+pub(crate) type Publishing = Answer<Result<Accepted, Refusal>>;
 
 /// Who is publishing: an HTTP request's identity, or a connection (its identity and its rate).
 #[derive(Clone, Copy)]
@@ -113,11 +130,30 @@ impl Broker {
         config: Config,
         make: impl FnOnce(&Config, Arc<Metrics>, Arc<dyn DeliverySink>) -> Arc<dyn Backend>,
     ) -> Result<Arc<Self>, String> {
+        Broker::with_shared_backend(config, None, |config, metrics, sink| {
+            Ok(make(config, metrics, sink))
+        })
+    }
+
+    /// A broker whose backend `make` builds (and may fail to), shared with other nodes when
+    /// `node` is given: then the broker's own topics stay in this process.
+    pub(crate) fn with_shared_backend(
+        config: Config,
+        node: Option<Arc<str>>,
+        make: impl FnOnce(
+            &Config,
+            Arc<Metrics>,
+            Arc<dyn DeliverySink>,
+        ) -> Result<Arc<dyn Backend>, String>,
+    ) -> Result<Arc<Self>, String> {
         let auth = Authenticator::from_config(&config)?;
         let metrics = Arc::new(Metrics::new(&config.metrics_namespaces));
         let hub = Arc::new(Hub::new(&config, metrics.clone()));
-        let backend = make(&config, metrics.clone(), hub.clone());
-        let node: Arc<str> = format!("{:016x}", fastrand::u64(..)).into();
+        let backend = make(&config, metrics.clone(), hub.clone())?;
+        let system = node
+            .is_some()
+            .then(|| Arc::new(MemoryBackend::new(&config, metrics.clone(), hub.clone())));
+        let node = node.unwrap_or_else(new_node_id);
         metrics.backend_info(backend.name(), &node);
         let connections = Arc::new(ConnectionTable::default());
         metrics.register(Box::new(ConnectionCollector::new(
@@ -159,6 +195,7 @@ impl Broker {
                 metrics,
                 hub,
                 backend,
+                system,
                 connections,
                 admissions: Admissions::default(),
                 shutting_down: AtomicBool::new(false),
@@ -255,13 +292,14 @@ impl Broker {
         )
     }
 
-    /// Publishes `data` on `topic`. A refused publish consumes no seq.
+    /// Publishes `data` on `topic`. A refused publish consumes no seq. The answer comes once the
+    /// backend has stored the message: at once in memory, after a round trip to Redis.
     pub(crate) fn publish(
         &self,
         from: Publisher<'_>,
         topic: &str,
         data: Data,
-    ) -> Result<Accepted, Refusal> {
+    ) -> Result<Publishing, Refusal> {
         self.check_topic(topic)?;
         match from {
             Publisher::Http(identity) => self.check_publish_grant(identity, topic)?,
@@ -285,8 +323,9 @@ impl Broker {
         Ok(self.publish_checked(topic, data, from.source()))
     }
 
-    /// Publishes every item, or none if any is refused.
-    pub(crate) fn publish_batch(
+    /// Publishes every item, or none if any is refused. If the backend fails part way, the
+    /// answer is `unavailable` and the items before the failure may have been published.
+    pub(crate) async fn publish_batch(
         &self,
         identity: &Identity,
         items: Vec<(String, Data)>,
@@ -299,20 +338,38 @@ impl Broker {
                 .map_err(|e| Refusal::new(e.code, format!("item {i}: {}", e.message)))?;
         }
         // Each subscriber's writer is woken once for the whole batch.
-        Ok(queue::coalescing_wakes(|| {
+        let publishing: Vec<(String, Publishing)> = queue::coalescing_wakes(|| {
             items
                 .into_iter()
                 .map(|(topic, data)| {
-                    let accepted = self.publish_checked(&topic, data, source);
-                    (topic, accepted)
+                    let publishing = self.publish_checked(&topic, data, source);
+                    (topic, publishing)
                 })
                 .collect()
-        }))
+        });
+        let mut accepted = Vec::with_capacity(publishing.len());
+        for (topic, publishing) in publishing {
+            accepted.push((topic, publishing.get().await?));
+        }
+        Ok(accepted)
     }
 
     /// Publishes on one of the broker's own topics (`_crier.`); not counted as a client's publish.
     pub(crate) fn publish_system(&self, topic: &str, data: Data) {
-        self.backend.publish(topic, data);
+        match &self.system {
+            Some(system) => {
+                system.publish_now(topic, data);
+            }
+            None => drop(self.backend.publish(topic, data)),
+        }
+    }
+
+    /// Where `subject` lives: the broker's own topics stay on this node.
+    fn backend_for(&self, subject: &str) -> &dyn Backend {
+        match &self.system {
+            Some(system) if topic::is_system(subject) => &**system,
+            _ => &*self.backend,
+        }
     }
 
     /// How many of this node's connections a message on `topic` would be queued for.
@@ -326,22 +383,28 @@ impl Broker {
             .summary(self.config.max_buffered_bytes / 2, &[])
     }
 
-    fn publish_checked(&self, topic: &str, data: Data, source: Source) -> Accepted {
-        let published = self.backend.publish(topic, data);
-        self.metrics
-            .published(self.metrics.namespace(topic), source);
-        Accepted {
-            seq: published.position.seq,
-            receivers: published
-                .receivers
-                .unwrap_or_else(|| self.hub.receivers(topic)),
+    fn publish_checked(&self, topic: &str, data: Data, source: Source) -> Publishing {
+        match self.backend_for(topic).publish(topic, data) {
+            Answer::Now(published) => Answer::Now(
+                published
+                    .map(|published| accept(&self.hub, &self.metrics, topic, published, source))
+                    .map_err(Refusal::from),
+            ),
+            Answer::Later(published) => {
+                let (hub, metrics) = (self.hub.clone(), self.metrics.clone());
+                let topic: Arc<str> = topic.into();
+                Answer::Later(Box::pin(async move {
+                    let published = published.await?;
+                    Ok(accept(&hub, &metrics, &topic, published, source))
+                }))
+            }
         }
     }
 
     /// Subscribes `conn` to `topic` (a topic or a pattern), or changes how an existing
     /// subscription delivers. `acknowledge` runs before any message of the subscription is
     /// queued, so the acknowledgement comes first on the wire.
-    pub(crate) fn subscribe(
+    pub(crate) async fn subscribe(
         &self,
         conn: &Arc<Connection>,
         topic: &str,
@@ -365,9 +428,28 @@ impl Broker {
             ));
         }
         self.hub
-            .subscribe(&*self.backend, conn, &subject, options, acknowledge);
-        conn.with_subscriptions(|s| s.insert(subject));
+            .subscribe(
+                self.backend_for(topic),
+                conn,
+                &subject,
+                options,
+                acknowledge,
+            )
+            .await?;
+        conn.with_subscriptions(|s| s.insert(subject.clone()));
+        if conn.queue.is_finished() {
+            // The connection closed while the backend was answering, after its subscriptions
+            // were ended: end this one too.
+            self.end_subscription(conn, &subject);
+        }
         Ok(())
+    }
+
+    /// Ends one of `conn`'s subscriptions in the hub (and forgets it).
+    fn end_subscription(&self, conn: &Connection, subject: &Subject) {
+        conn.with_subscriptions(|s| s.remove(subject));
+        self.hub
+            .unsubscribe(self.backend_for(subject.as_str()), conn.id, subject);
     }
 
     fn check_subscribe_grant(
@@ -402,7 +484,8 @@ impl Broker {
         conn.set_identity(identity);
         for subject in &ended {
             self.metrics.refused(Refused::Forbidden);
-            self.hub.unsubscribe(&*self.backend, conn.id, subject);
+            self.hub
+                .unsubscribe(self.backend_for(subject.as_str()), conn.id, subject);
         }
         ended
     }
@@ -411,7 +494,8 @@ impl Broker {
     pub(crate) fn unsubscribe(&self, conn: &Connection, topic: &str) -> Result<(), Refusal> {
         let subject = self.subject(topic)?;
         if conn.with_subscriptions(|s| s.remove(&subject)) {
-            self.hub.unsubscribe(&*self.backend, conn.id, &subject);
+            self.hub
+                .unsubscribe(self.backend_for(topic), conn.id, &subject);
         }
         Ok(())
     }
@@ -444,7 +528,7 @@ impl Broker {
 
     /// The messages after `since` that `topic`'s history holds, at most `limit`; None for a
     /// topic that does not exist.
-    pub(crate) fn history(
+    pub(crate) async fn history(
         &self,
         identity: &Identity,
         topic: &str,
@@ -455,16 +539,17 @@ impl Broker {
         if !identity.grants.may_read(topic) {
             return Err(self.forbidden("read the history of", topic));
         }
-        Ok(self
-            .backend
-            .history(topic, HistoryQuery::After { seq: since, limit }))
+        let query = HistoryQuery::After { seq: since, limit };
+        Ok(self.backend_for(topic).history(topic, query).get().await?)
     }
 
     /// Every topic with subscribers on this node or a seq, by name.
-    pub(crate) fn topics(&self) -> Vec<TopicInfo> {
-        let mut topics: Vec<TopicInfo> = self
-            .backend
-            .streams(&|_| true)
+    pub(crate) async fn topics(&self) -> Result<Vec<TopicInfo>, Refusal> {
+        let mut streams = self.backend.streams(StreamFilter::All).get().await?;
+        if let Some(system) = &self.system {
+            streams.extend(system.streams_now(&StreamFilter::All));
+        }
+        let mut topics: Vec<TopicInfo> = streams
             .into_iter()
             .filter_map(|stream| {
                 let subscribers = self.hub.receivers(&stream.name);
@@ -478,12 +563,22 @@ impl Broker {
             })
             .collect();
         topics.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-        topics
+        Ok(topics)
+    }
+
+    /// Whether the backend can serve requests now (`/readyz`).
+    pub(crate) fn backend_ready(&self) -> bool {
+        self.backend.ready()
     }
 
     pub(crate) fn stats(&self) -> NodeStats {
         let hub = self.hub.stats();
-        let backend = self.backend.stats();
+        let mut backend = self.backend.stats();
+        if let Some(system) = &self.system {
+            let system = system.stats();
+            backend.history_messages += system.history_messages;
+            backend.history_bytes += system.history_bytes;
+        }
         NodeStats {
             topics_with_subscribers: hub.topics,
             patterns: hub.patterns,
@@ -495,6 +590,9 @@ impl Broker {
     /// Periodic housekeeping: expires history and forgets idle topics.
     pub(crate) fn sweep(&self, now: Instant) {
         self.backend.sweep(now);
+        if let Some(system) = &self.system {
+            system.sweep(now);
+        }
         self.hub.sweep(now);
     }
 
@@ -523,7 +621,8 @@ impl Broker {
     pub(crate) fn disconnect(&self, conn: &Connection) {
         let subjects: Vec<Subject> = conn.with_subscriptions(|s| s.drain().collect());
         for subject in subjects {
-            self.hub.unsubscribe(&*self.backend, conn.id, &subject);
+            self.hub
+                .unsubscribe(self.backend_for(subject.as_str()), conn.id, &subject);
         }
         conn.queue.finish();
         self.connections.retire(conn);
@@ -550,6 +649,26 @@ impl Broker {
         for conn in self.connections() {
             conn.queue.close(CloseCode::GOING_AWAY, false);
         }
+    }
+}
+
+/// A new node id: random, so that two processes never share one.
+pub(crate) fn new_node_id() -> Arc<str> {
+    format!("{:016x}", fastrand::u64(..)).into()
+}
+
+/// Counts a publish the backend stored, and answers it.
+fn accept(
+    hub: &Hub,
+    metrics: &Metrics,
+    topic: &str,
+    published: Published,
+    source: Source,
+) -> Accepted {
+    metrics.published(metrics.namespace(topic), source);
+    Accepted {
+        seq: published.position.seq,
+        receivers: published.receivers.unwrap_or_else(|| hub.receivers(topic)),
     }
 }
 
@@ -587,9 +706,22 @@ pub(crate) mod testing {
             .unauthenticated()
     }
 
+    /// The output of a future that is ready at once, as everything is with the memory backend.
+    pub(crate) fn now<T>(future: impl Future<Output = T>) -> T {
+        let mut future = std::pin::pin!(future);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match future.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(output) => output,
+            std::task::Poll::Pending => panic!("this should have been ready at once"),
+        }
+    }
+
     /// Publishes as an HTTP client would.
     pub(crate) fn publish(broker: &Broker, topic: &str, data: Data) -> Result<Accepted, Refusal> {
-        broker.publish(Publisher::Http(&broker.auth.unauthenticated()), topic, data)
+        let identity = broker.auth.unauthenticated();
+        now(broker
+            .publish(Publisher::Http(&identity), topic, data)?
+            .get())
     }
 
     pub(crate) fn json(s: &str) -> Data {
@@ -632,9 +764,7 @@ pub(crate) mod testing {
         options: SubscribeOptions,
     ) -> Subscribed {
         let mut ack = None;
-        broker
-            .subscribe(conn, topic, &options, &mut |s| ack = Some(s.clone()))
-            .unwrap();
+        now(broker.subscribe(conn, topic, &options, &mut |s| ack = Some(s.clone()))).unwrap();
         ack.expect("acknowledged")
     }
 
@@ -688,7 +818,7 @@ mod tests {
         let ack = &mut |_: &Subscribed| {};
         let default = SubscribeOptions::default();
         assert_eq!(
-            refusal(broker.subscribe(&a, "a..b", &default, ack)),
+            refusal(now(broker.subscribe(&a, "a..b", &default, ack))),
             ErrorCode::InvalidTopic
         );
         assert_eq!(
@@ -707,16 +837,16 @@ mod tests {
             )
         );
         assert_eq!(
-            broker.history(&open(), "a..b", 0, 1).unwrap_err().code,
+            now(broker.history(&open(), "a..b", 0, 1)).unwrap_err().code,
             ErrorCode::InvalidTopic
         );
         assert_eq!(
-            refusal(broker.subscribe(&a, "t.*", &since("e", 1), ack)),
+            refusal(now(broker.subscribe(&a, "t.*", &since("e", 1), ack))),
             ErrorCode::BadFrame,
             "since needs an exact topic"
         );
         let batch = vec![("ok".into(), json("1")), ("not ok.".into(), json("2"))];
-        let refused = broker.publish_batch(&open(), batch).unwrap_err();
+        let refused = now(broker.publish_batch(&open(), batch)).unwrap_err();
         assert_eq!(refused.code, ErrorCode::InvalidTopic);
         assert!(
             refused.message.starts_with("item 1: "),
@@ -724,16 +854,16 @@ mod tests {
             refused.message
         );
         assert!(
-            broker.topics().is_empty(),
+            now(broker.topics()).unwrap().is_empty(),
             "a refused batch publishes nothing"
         );
 
         // The subscription limit counts distinct subscriptions; changing one is not another.
-        broker.subscribe(&a, "x", &default, ack).unwrap();
-        broker.subscribe(&a, "y.*", &default, ack).unwrap();
-        broker.subscribe(&a, "x", &rewind(1), ack).unwrap();
+        now(broker.subscribe(&a, "x", &default, ack)).unwrap();
+        now(broker.subscribe(&a, "y.*", &default, ack)).unwrap();
+        now(broker.subscribe(&a, "x", &rewind(1), ack)).unwrap();
         assert_eq!(
-            refusal(broker.subscribe(&a, "z", &default, ack)),
+            refusal(now(broker.subscribe(&a, "z", &default, ack))),
             ErrorCode::TooManySubscriptions
         );
         assert_eq!(a.subscription_count(), 2);
@@ -796,8 +926,8 @@ mod tests {
         }
         assert_eq!(seqs(&received(&a)), vec![1, 2, 1]);
         assert_eq!(seqs(&received(&b)), vec![1, 2, 1]);
-        let names: Vec<_> = broker
-            .topics()
+        let names: Vec<_> = now(broker.topics())
+            .unwrap()
             .iter()
             .map(|t| (t.name.to_string(), t.subscribers, t.seq))
             .collect();
@@ -829,12 +959,12 @@ mod tests {
         broker.unsubscribe(&a, "t").unwrap();
         broker.sweep(Instant::now());
         assert_eq!(
-            broker.topics().len(),
+            now(broker.topics()).unwrap().len(),
             1,
             "keeps its sequence for the topic ttl"
         );
         broker.sweep(Instant::now() + Duration::from_secs(301));
-        assert!(broker.topics().is_empty());
+        assert!(now(broker.topics()).unwrap().is_empty());
         assert_eq!(publish(&broker, "t", json("1")).unwrap().seq, 1);
         let again = subscribe(&broker, &a, "t", SubscribeOptions::default());
         assert_ne!(
@@ -848,13 +978,13 @@ mod tests {
     fn history_keeps_the_last_n_messages() {
         let broker = broker_with(|c| c.history_size = 3);
         publish_numbers(&broker, "t", 1..=5);
-        let page = broker.history(&open(), "t", 0, 100).unwrap().unwrap();
+        let page = now(broker.history(&open(), "t", 0, 100)).unwrap().unwrap();
         assert_eq!((page.position.seq, page.oldest), (5, Some(3)));
         assert_eq!(
             page.publications.iter().map(|p| p.seq).collect::<Vec<_>>(),
             vec![3, 4, 5]
         );
-        let page = broker.history(&open(), "t", 3, 1).unwrap().unwrap();
+        let page = now(broker.history(&open(), "t", 3, 1)).unwrap().unwrap();
         assert_eq!(
             page.publications
                 .iter()
@@ -862,7 +992,11 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![(4, json("4"))]
         );
-        assert!(broker.history(&open(), "nope", 0, 10).unwrap().is_none());
+        assert!(
+            now(broker.history(&open(), "nope", 0, 10))
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
@@ -872,8 +1006,7 @@ mod tests {
         assert_eq!(broker.stats().history_messages, 1);
         std::thread::sleep(Duration::from_millis(60));
         assert!(
-            broker
-                .history(&open(), "t", 0, 10)
+            now(broker.history(&open(), "t", 0, 10))
                 .unwrap()
                 .unwrap()
                 .publications
@@ -911,8 +1044,7 @@ mod tests {
         let broker = broker_with(|c| c.history_max_bytes = cap);
         publish_all(&broker, &["old", "mid", "new", "old", "new"]);
         let held = |t: &str| {
-            broker
-                .history(&open(), t, 0, 100)
+            now(broker.history(&open(), t, 0, 100))
                 .unwrap()
                 .unwrap()
                 .publications

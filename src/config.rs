@@ -191,6 +191,28 @@ pub struct Config {
     #[arg(long, env = "CRIER_MAX_BAD_FRAMES", default_value_t = 100)]
     pub max_bad_frames: usize,
 
+    /// Scale out over Redis: `redis://host:port/db` (`rediss://` for TLS). Without it topics live
+    /// in this process (the memory backend) and nothing connects to Redis. With
+    /// `--redis-cluster`, the seed nodes of a Redis Cluster (repeat the flag, or comma-separate
+    /// the variable, for several).
+    #[arg(
+        long = "redis",
+        env = "CRIER_REDIS_URL",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub redis: Vec<String>,
+
+    /// Namespaces every Redis key and channel Crier uses, so that several deployments can share
+    /// one Redis.
+    #[arg(long, env = "CRIER_REDIS_PREFIX", default_value = "crier")]
+    pub redis_prefix: String,
+
+    /// `--redis` names seed nodes of a Redis Cluster (Redis 7+): each topic lives on one shard,
+    /// with sharded pub/sub.
+    #[arg(long, env = "CRIER_REDIS_CLUSTER", requires = "redis")]
+    pub redis_cluster: bool,
+
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info` or `crier=debug`).
     #[arg(long, env = "CRIER_LOG", default_value = "info")]
     pub log: String,
@@ -249,6 +271,28 @@ impl Config {
                     "--allowed-origins: {origin:?} is not an origin (scheme://host[:port]) or *"
                 ));
             }
+        }
+        if self.redis.len() > 1 && !self.redis_cluster {
+            return Err(
+                "several --redis URLs need --redis-cluster (they are its seed nodes)".into(),
+            );
+        }
+        for url in &self.redis {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(format!(
+                    "--redis: {url:?} is not a redis:// or rediss:// URL"
+                ));
+            }
+        }
+        if self.redis_prefix.is_empty()
+            || self
+                .redis_prefix
+                .contains(['{', '}', '*', '?', '[', ']', '\\'])
+        {
+            return Err(format!(
+                "--redis-prefix {:?} must be non-empty, without braces or glob characters",
+                self.redis_prefix
+            ));
         }
         if self.workers == Some(0) {
             return Err("--workers must be at least 1".into());

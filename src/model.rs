@@ -12,8 +12,33 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 
 use crate::data::Data;
+
+/// An answer ready now, or once a round trip completes (a backend across the network).
+pub(crate) enum Answer<T> {
+    Now(T),
+    Later(BoxFuture<'static, T>),
+}
+
+impl<T> Answer<T> {
+    /// The answer of a backend that answers at once (tests).
+    #[cfg(test)]
+    pub(crate) fn now(self) -> T {
+        match self {
+            Answer::Now(value) => value,
+            Answer::Later(_) => panic!("this backend answers later"),
+        }
+    }
+
+    pub(crate) async fn get(self) -> T {
+        match self {
+            Answer::Now(value) => value,
+            Answer::Later(future) => future.await,
+        }
+    }
+}
 
 /// A connection's identity, unique within this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -70,11 +95,13 @@ pub(crate) enum ErrorCode {
     InvalidToken,
     /// Over the connection's publish rate.
     RateLimited,
+    /// The backend (Redis) cannot be reached now; try again later.
+    Unavailable,
 }
 
 impl ErrorCode {
     /// In declaration order, so that `code as usize` indexes it.
-    pub(crate) const ALL: [ErrorCode; 9] = [
+    pub(crate) const ALL: [ErrorCode; 10] = [
         ErrorCode::BadFrame,
         ErrorCode::UnknownOp,
         ErrorCode::InvalidTopic,
@@ -84,6 +111,7 @@ impl ErrorCode {
         ErrorCode::Forbidden,
         ErrorCode::InvalidToken,
         ErrorCode::RateLimited,
+        ErrorCode::Unavailable,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -97,6 +125,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::InvalidToken => "invalid_token",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }

@@ -443,6 +443,11 @@ impl OutboundQueue {
         wake(waker);
     }
 
+    /// Whether the body has ended (the connection is gone).
+    pub(crate) fn is_finished(&self) -> bool {
+        self.state.lock().phase == Phase::Finished
+    }
+
     /// The close code the connection is closing (or closed) with, if a close was started.
     pub(crate) fn closing_code(&self) -> Option<CloseCode> {
         self.state.lock().closed_with

@@ -12,7 +12,8 @@ use actix_web::{App, HttpServer, web};
 use tokio::sync::watch;
 
 use crate::api;
-use crate::broker::Broker;
+use crate::backend::redis::RedisBackend;
+use crate::broker::{Broker, new_node_id};
 use crate::config::Config;
 use crate::dashboard;
 use crate::stats::StatsPublisher;
@@ -46,8 +47,14 @@ impl Server {
         config
             .validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let broker =
-            Broker::new(config).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let broker = if config.redis.is_empty() {
+            Broker::new(config)
+        } else {
+            Broker::with_shared_backend(config, Some(new_node_id()), |config, metrics, sink| {
+                RedisBackend::connect(config, &metrics, sink)
+            })
+        }
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         Server::bind_broker(broker)
     }
 

@@ -30,6 +30,13 @@ pub(crate) enum Subject {
 }
 
 impl Subject {
+    /// The topic or pattern as the client wrote it.
+    pub(crate) fn as_str(&self) -> &str {
+        match self {
+            Subject::Topic(s) | Subject::Pattern(s) => s,
+        }
+    }
+
     pub(crate) fn parse(s: &str) -> Result<Subject, InvalidTopic> {
         Ok(match check(s, true)? {
             false => Subject::Topic(s.into()),
@@ -85,6 +92,11 @@ fn check(s: &str, allow_wildcards: bool) -> Result<bool, InvalidTopic> {
 
 fn is_topic_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '@')
+}
+
+/// Whether a topic or pattern is (or reaches only) one of the broker's own topics.
+pub(crate) fn is_system(subject: &str) -> bool {
+    namespace(subject) == SYSTEM_NAMESPACE
 }
 
 /// Whether a (valid) pattern matches a (valid) topic. The broker's own topics

@@ -198,7 +198,7 @@ pub(crate) async fn upgrade(
         .max_continuation_size(limit);
     let actor = ConnectionActor::new(broker.into_inner(), conn.clone());
     // The response, and so `welcome`, goes out only after this returns.
-    actor.subscribe_on_connect(&initial);
+    actor.subscribe_on_connect(&initial).await;
     actor.start_with(messages);
 
     let (head, ws_body) = response.into_parts();

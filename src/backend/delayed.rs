@@ -14,7 +14,8 @@ use parking_lot::{Condvar, Mutex};
 
 use super::memory::new_epoch;
 use super::{
-    Backend, BackendStats, DeliverySink, HistoryPage, HistoryQuery, Published, StreamInfo,
+    Answer, Backend, BackendStats, DeliverySink, HistoryPage, HistoryQuery, Published,
+    StreamFilter, StreamInfo, Unavailable,
 };
 use crate::data::Data;
 use crate::model::{Publication, StreamPosition};
@@ -181,12 +182,8 @@ impl Drop for DelayedBackend {
     }
 }
 
-impl Backend for DelayedBackend {
-    fn name(&self) -> &'static str {
-        "delayed"
-    }
-
-    fn publish(&self, topic: &str, data: Data) -> Published {
+impl DelayedBackend {
+    fn publish_now(&self, topic: &str, data: Data) -> Published {
         let now = Instant::now();
         let mut streams = self.streams.lock();
         let stream = streams
@@ -223,7 +220,7 @@ impl Backend for DelayedBackend {
         }
     }
 
-    fn history(&self, topic: &str, query: HistoryQuery) -> Option<HistoryPage> {
+    fn history_now(&self, topic: &str, query: HistoryQuery) -> Option<HistoryPage> {
         let page = {
             let streams = self.streams.lock();
             let stream = streams.get(topic)?;
@@ -254,7 +251,7 @@ impl Backend for DelayedBackend {
         Some(page)
     }
 
-    fn interest(&self, subject: &Subject, on: bool) {
+    fn declare_interest(&self, subject: &Subject, on: bool) {
         let name = match subject {
             Subject::Topic(name) | Subject::Pattern(name) => name.to_string(),
         };
@@ -269,11 +266,11 @@ impl Backend for DelayedBackend {
         self.interest.lock().push((name, on));
     }
 
-    fn streams(&self, matching: &dyn Fn(&str) -> bool) -> Vec<StreamInfo> {
+    fn streams_now(&self, filter: &StreamFilter) -> Vec<StreamInfo> {
         self.streams
             .lock()
             .iter()
-            .filter(|(name, _)| matching(name))
+            .filter(|(name, _)| filter.accepts(name))
             .map(|(name, stream)| StreamInfo {
                 name: name.clone(),
                 position: stream.position.clone(),
@@ -282,14 +279,50 @@ impl Backend for DelayedBackend {
             .collect()
     }
 
-    fn sweep(&self, _now: Instant) {}
-
-    fn stats(&self) -> BackendStats {
+    fn history_stats(&self) -> BackendStats {
         let streams = self.streams.lock();
         BackendStats {
             history_messages: streams.values().map(|s| s.history.len()).sum(),
             history_bytes: 0,
         }
+    }
+}
+
+impl Backend for DelayedBackend {
+    fn name(&self) -> &'static str {
+        "delayed"
+    }
+
+    /// Answered as a backend across the network would (later), though the answer is ready.
+    fn publish(&self, topic: &str, data: Data) -> Answer<Result<Published, Unavailable>> {
+        let published = self.publish_now(topic, data);
+        Answer::Later(Box::pin(async move { Ok(published) }))
+    }
+
+    fn history(
+        &self,
+        topic: &str,
+        query: HistoryQuery,
+    ) -> Answer<Result<Option<HistoryPage>, Unavailable>> {
+        Answer::Now(Ok(self.history_now(topic, query)))
+    }
+
+    fn interest(&self, subject: &Subject, on: bool) {
+        self.declare_interest(subject, on);
+    }
+
+    fn listening(&self, _subject: &Subject) -> Answer<Result<(), Unavailable>> {
+        Answer::Now(Ok(()))
+    }
+
+    fn streams(&self, filter: StreamFilter) -> Answer<Result<Vec<StreamInfo>, Unavailable>> {
+        Answer::Now(Ok(self.streams_now(&filter)))
+    }
+
+    fn sweep(&self, _now: Instant) {}
+
+    fn stats(&self) -> BackendStats {
+        self.history_stats()
     }
 }
 

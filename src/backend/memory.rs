@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use super::history::{HistoryIndex, TopicHistory};
 use super::{
-    Backend, BackendStats, DeliverySink, HistoryPage, HistoryQuery, Published, StreamInfo,
+    Answer, Backend, BackendStats, DeliverySink, HistoryPage, HistoryQuery, Published,
+    StreamFilter, StreamInfo, Unavailable,
 };
 use crate::config::Config;
 use crate::data::Data;
@@ -119,14 +120,9 @@ impl MemoryBackend {
             frame_meter: self.history.meter().cloned(),
         }
     }
-}
 
-impl Backend for MemoryBackend {
-    fn name(&self) -> &'static str {
-        "memory"
-    }
-
-    fn publish(&self, topic: &str, data: Data) -> Published {
+    /// Publishes at once: delivered and retained before this returns.
+    pub(crate) fn publish_now(&self, topic: &str, data: Data) -> Published {
         let accepted = Instant::now();
         let published = self.with_topic(topic, |t, state| {
             state.seq += 1;
@@ -149,8 +145,40 @@ impl Backend for MemoryBackend {
         published
     }
 
-    fn history(&self, topic: &str, query: HistoryQuery) -> Option<HistoryPage> {
-        self.with_existing(topic, |state| self.page(state, query))
+    /// The topics `filter` accepts, as they are now.
+    pub(crate) fn streams_now(&self, filter: &StreamFilter) -> Vec<StreamInfo> {
+        self.topics
+            .entries()
+            .iter()
+            .filter(|topic| filter.accepts(&topic.name))
+            .filter_map(|topic| {
+                topic.with(|state| StreamInfo {
+                    name: topic.name.clone(),
+                    position: state.position(),
+                    history: state.history.len(),
+                })
+            })
+            .collect()
+    }
+}
+
+impl Backend for MemoryBackend {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn publish(&self, topic: &str, data: Data) -> Answer<Result<Published, Unavailable>> {
+        Answer::Now(Ok(self.publish_now(topic, data)))
+    }
+
+    fn history(
+        &self,
+        topic: &str,
+        query: HistoryQuery,
+    ) -> Answer<Result<Option<HistoryPage>, Unavailable>> {
+        Answer::Now(Ok(
+            self.with_existing(topic, |state| self.page(state, query))
+        ))
     }
 
     fn interest(&self, subject: &Subject, on: bool) {
@@ -169,19 +197,12 @@ impl Backend for MemoryBackend {
         }
     }
 
-    fn streams(&self, matching: &dyn Fn(&str) -> bool) -> Vec<StreamInfo> {
-        self.topics
-            .entries()
-            .iter()
-            .filter(|topic| matching(&topic.name))
-            .filter_map(|topic| {
-                topic.with(|state| StreamInfo {
-                    name: topic.name.clone(),
-                    position: state.position(),
-                    history: state.history.len(),
-                })
-            })
-            .collect()
+    fn listening(&self, _subject: &Subject) -> Answer<Result<(), Unavailable>> {
+        Answer::Now(Ok(()))
+    }
+
+    fn streams(&self, filter: StreamFilter) -> Answer<Result<Vec<StreamInfo>, Unavailable>> {
+        Answer::Now(Ok(self.streams_now(&filter)))
     }
 
     fn sweep(&self, now: Instant) {
@@ -235,10 +256,10 @@ mod tests {
     fn publications_reach_the_sink_in_seq_order_and_stay_in_history() {
         let (backend, sink) = backend_with(|_| {});
         for i in 1..=3 {
-            let published = backend.publish("t", json(&i.to_string()));
+            let published = backend.publish_now("t", json(&i.to_string()));
             assert_eq!((published.position.seq, published.receivers), (i, Some(1)));
         }
-        backend.publish("u", json("1"));
+        backend.publish_now("u", json("1"));
         let delivered: Vec<(String, u64)> = sink
             .0
             .lock()
@@ -256,16 +277,30 @@ mod tests {
         );
         let page = backend
             .history("t", HistoryQuery::After { seq: 1, limit: 10 })
+            .now()
+            .unwrap()
             .unwrap();
         assert_eq!(
             (seqs(&page), page.oldest, page.position.seq),
             (vec![2, 3], Some(1), 3)
         );
         assert_eq!(
-            seqs(&backend.history("t", HistoryQuery::Last(1)).unwrap()),
+            seqs(
+                &backend
+                    .history("t", HistoryQuery::Last(1))
+                    .now()
+                    .unwrap()
+                    .unwrap()
+            ),
             vec![3]
         );
-        assert!(backend.history("nope", HistoryQuery::Last(0)).is_none());
+        assert!(
+            backend
+                .history("nope", HistoryQuery::Last(0))
+                .now()
+                .unwrap()
+                .is_none()
+        );
         assert_eq!(backend.name(), "memory");
     }
 
@@ -276,30 +311,38 @@ mod tests {
         backend.interest(&t, true);
         let epoch = backend
             .history("t", HistoryQuery::Last(0))
+            .now()
+            .unwrap()
             .unwrap()
             .position
             .epoch;
         let later = Instant::now() + Duration::from_secs(3600);
         backend.sweep(later);
-        assert_eq!(backend.streams(&|_| true).len(), 1, "kept while interested");
+        assert_eq!(
+            backend.streams_now(&StreamFilter::All).len(),
+            1,
+            "kept while interested"
+        );
         backend.interest(&t, false);
         backend.sweep(Instant::now());
         assert_eq!(
-            backend.streams(&|_| true).len(),
+            backend.streams_now(&StreamFilter::All).len(),
             1,
             "kept for the topic ttl"
         );
         backend.sweep(later);
-        assert!(backend.streams(&|_| true).is_empty());
+        assert!(backend.streams_now(&StreamFilter::All).is_empty());
         backend.interest(&t, true);
         let again = backend
             .history("t", HistoryQuery::Last(0))
+            .now()
+            .unwrap()
             .unwrap()
             .position
             .epoch;
         assert_ne!(epoch, again, "a new stream, a new epoch");
         // Patterns change nothing here: every publication reaches the sink anyway.
         backend.interest(&Subject::parse("a.*").unwrap(), true);
-        assert_eq!(backend.streams(&|_| true).len(), 1);
+        assert_eq!(backend.streams_now(&StreamFilter::All).len(), 1);
     }
 }

@@ -4,21 +4,55 @@
 //! Every publication, whichever node it was published on, reaches this node's subscribers by
 //! one path: the backend hands it to the node's [`DeliverySink`] (the hub), in seq order per
 //! topic. The in-memory backend does so at once, on the publisher's thread; a backend shared by
-//! several nodes does so later, from the task that reads it. The hub never relies on which.
+//! several nodes (Redis) does so later, from the task that reads it. The hub never relies on which.
+//!
+//! A backend answers at once or later ([`Answer`]): the memory backend always at once, so its
+//! callers never allocate or wait; the Redis backend after a round trip, and with
+//! [`Unavailable`] when Redis cannot be reached.
 
 mod history;
 pub(crate) mod memory;
+pub(crate) mod redis;
 
 #[cfg(test)]
 pub(crate) mod delayed;
 
+use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Instant;
 
 use crate::data::Data;
+pub(crate) use crate::model::Answer;
 use crate::model::{Publication, StreamPosition};
 use crate::topic::Subject;
+
+/// The backend cannot be reached now; the request had no effect, or none that was confirmed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Unavailable(pub String);
+
+impl fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Which topics [`Backend::streams`] lists.
+#[derive(Debug, Clone)]
+pub(crate) enum StreamFilter {
+    All,
+    /// Those the pattern matches.
+    Matching(Arc<str>),
+}
+
+impl StreamFilter {
+    pub(crate) fn accepts(&self, name: &str) -> bool {
+        match self {
+            StreamFilter::All => true,
+            StreamFilter::Matching(pattern) => crate::topic::matches(pattern, name),
+        }
+    }
+}
 
 /// This node's side of the backend: where publications are delivered.
 pub(crate) trait DeliverySink: Send + Sync + 'static {
@@ -89,27 +123,43 @@ pub(crate) struct BackendStats {
 /// - a publication can be read from `history` no later than it is handed to the sink;
 /// - every seq at or before the position a history read returns is in the page it returns (or
 ///   was evicted, which the page's `oldest` shows);
-/// - after `interest(topic, true)`, `history` knows the topic, with an epoch that lasts until
-///   the interest ends.
+/// - once `listening(subject)` has answered Ok, every publication on the subject from then on
+///   reaches the sink;
+/// - after `interest(topic, true)`, `history` knows the topic, with an epoch that lasts (on this
+///   node's watch) until the interest ends.
 pub(crate) trait Backend: Send + Sync + 'static {
     /// What `/api/topics` and `/metrics` call it.
     fn name(&self) -> &'static str;
 
     /// Assigns the next seq on `topic` (a valid topic, not a pattern), retains the message in
-    /// history and hands it to the delivery sink.
-    fn publish(&self, topic: &str, data: Data) -> Published;
+    /// history and hands it to the delivery sink. Publishes made one after another on one thread
+    /// get their seqs in that order. An answer of Ok means the message is stored.
+    fn publish(&self, topic: &str, data: Data) -> Answer<Result<Published, Unavailable>>;
 
     /// The topic's position and the retained messages `query` asks for; None for a topic the
     /// backend does not know.
-    fn history(&self, topic: &str, query: HistoryQuery) -> Option<HistoryPage>;
+    fn history(
+        &self,
+        topic: &str,
+        query: HistoryQuery,
+    ) -> Answer<Result<Option<HistoryPage>, Unavailable>>;
 
-    /// This node gained its first subscriber to `subject` (`on`) or lost its last. A topic this
-    /// node is interested in exists, with a stable epoch, until interest ends.
+    /// This node gained its first subscriber to `subject` (`on`) or lost its last. Called in the
+    /// order the changes happen; returns at once (the change reaches the backend in order).
     fn interest(&self, subject: &Subject, on: bool);
 
-    /// The topics the backend knows (with a seq, with retained messages, or with interest) whose
-    /// names `matching` accepts.
-    fn streams(&self, matching: &dyn Fn(&str) -> bool) -> Vec<StreamInfo>;
+    /// Answers once publications on `subject` (which this node has declared interest in) reach
+    /// the sink.
+    fn listening(&self, subject: &Subject) -> Answer<Result<(), Unavailable>>;
+
+    /// The topics the backend knows (with a seq, with retained messages, or with interest) that
+    /// `filter` accepts.
+    fn streams(&self, filter: StreamFilter) -> Answer<Result<Vec<StreamInfo>, Unavailable>>;
+
+    /// Whether requests can be served now (`/readyz`).
+    fn ready(&self) -> bool {
+        true
+    }
 
     /// Periodic housekeeping: expires history and forgets topics idle long enough.
     fn sweep(&self, now: Instant);

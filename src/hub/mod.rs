@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use crate::backend::{Backend, DeliverySink, HistoryQuery};
+use crate::backend::{Backend, DeliverySink, HistoryQuery, StreamFilter, Unavailable};
 use crate::config::Config;
 use crate::connection::Connection;
 use crate::frame;
@@ -36,7 +36,7 @@ use crate::model::{
 };
 use crate::queue::Push;
 use crate::table::{TopicEntry, TopicTable};
-use crate::topic::{self, Subject};
+use crate::topic::Subject;
 use patterns::PatternIndex;
 
 pub(crate) struct Hub {
@@ -199,6 +199,11 @@ impl PatternJoin {
         }
     }
 
+    /// Whether live publications are still held for the replay.
+    fn is_replaying(&self) -> bool {
+        self.replayed.get().is_none()
+    }
+
     fn admit(&self, publication: &Arc<Publication>) -> Admit {
         if let Some(replayed) = self.replayed.get() {
             return Self::filter(replayed, publication);
@@ -358,13 +363,89 @@ impl TopicState {
     }
 }
 
-/// Keeps one route per connection, preferring one without a replay to join: a connection that
-/// already receives a topic through a plain pattern goes on receiving it there without a pause
-/// (nothing held, nothing dropped), and a rewind's replay of that topic is an extra copy.
+/// Keeps one route per connection, preferring one not replaying: a connection that already
+/// receives a topic through a pattern goes on receiving it there without a pause (nothing held,
+/// nothing dropped), and a rewind's replay of that topic is an extra copy.
 fn one_route_per_connection(mut routes: Vec<(ConnectionId, PatternRoute)>) -> Arc<[PatternRoute]> {
-    routes.sort_by_key(|(id, route)| (*id, route.join.is_some()));
+    routes.sort_by_key(|(id, route)| (*id, route.join.as_ref().is_some_and(|j| j.is_replaying())));
     routes.dedup_by_key(|(id, _)| *id);
     routes.into_iter().map(|(_, route)| route).collect()
+}
+
+/// An exact route registered by a subscription still waiting on the backend. Dropped before
+/// `done`, it takes the route out again: a subscription being changed goes on live as before,
+/// a new one is removed.
+struct PendingRoute<'a> {
+    hub: &'a Hub,
+    backend: &'a dyn Backend,
+    topic: &'a Arc<HubTopic>,
+    id: ConnectionId,
+    /// Set for a connection that already received the topic: what its stream was dropping.
+    inherited: Option<Option<StreamPosition>>,
+}
+
+impl PendingRoute<'_> {
+    fn done(&mut self) {
+        self.inherited = None;
+        self.id = ConnectionId(u64::MAX);
+    }
+}
+
+impl Drop for PendingRoute<'_> {
+    fn drop(&mut self) {
+        if self.id == ConnectionId(u64::MAX) {
+            return;
+        }
+        let ns = self.hub.metrics.namespace(&self.topic.name);
+        let emptied = self.topic.with(|state| match self.inherited.take() {
+            Some(inherited) => {
+                if let Some(route) = state.exact.get_mut(&self.id)
+                    && let Some(held) = route.go_live(inherited)
+                {
+                    for publication in &held {
+                        route.offer_live(publication, ns);
+                    }
+                }
+                false
+            }
+            None => self.hub.remove_exact(state, self.id) && state.exact.is_empty(),
+        });
+        if emptied == Some(true) {
+            self.hub.reconcile_interest(self.backend, self.topic);
+        }
+    }
+}
+
+/// A pattern route registered by a subscription still waiting on the backend; dropped before
+/// `done`, it puts back the route it replaced (or none).
+struct PendingPattern<'a> {
+    hub: &'a Hub,
+    backend: &'a dyn Backend,
+    pattern: &'a Arc<str>,
+    id: ConnectionId,
+    previous: Option<PatternRoute>,
+}
+
+impl PendingPattern<'_> {
+    fn done(&mut self) {
+        self.id = ConnectionId(u64::MAX);
+    }
+}
+
+impl Drop for PendingPattern<'_> {
+    fn drop(&mut self) {
+        if self.id == ConnectionId(u64::MAX) {
+            return;
+        }
+        match self.previous.take() {
+            Some(previous) => {
+                self.hub.patterns.insert(self.pattern, self.id, previous);
+            }
+            None => self.hub.patterns.remove(self.pattern, self.id),
+        }
+        self.hub
+            .reconcile_pattern_interest(self.backend, self.pattern);
+    }
 }
 
 impl Hub {
@@ -381,15 +462,16 @@ impl Hub {
 
     /// Starts delivering messages on `subject` to `conn` (or changes how, if it was already
     /// subscribed), after the replay `options` ask for. `acknowledge` runs before any replayed
-    /// or live message of the subscription is queued.
-    pub(crate) fn subscribe(
+    /// or live message of the subscription is queued. When the backend cannot be reached the
+    /// subscription is not made (or, if it existed, goes on as it was, in its new mode).
+    pub(crate) async fn subscribe(
         &self,
         backend: &dyn Backend,
         conn: &Arc<Connection>,
         subject: &Subject,
         options: &SubscribeOptions,
         acknowledge: &mut dyn FnMut(&Subscribed),
-    ) {
+    ) -> Result<(), Unavailable> {
         let subscriber = Subscriber {
             conn: conn.clone(),
             mode: options.mode,
@@ -397,34 +479,27 @@ impl Hub {
         match subject {
             Subject::Topic(name) => {
                 self.subscribe_topic(backend, name, subscriber, &options.replay, acknowledge)
+                    .await
             }
             Subject::Pattern(pattern) => {
-                acknowledge(&Subscribed::default());
-                match options.replay {
-                    Replay::Rewind(n) if n > 0 => {
-                        self.subscribe_pattern_with_rewind(backend, pattern, subscriber, n)
-                    }
-                    _ => {
-                        let route = PatternRoute {
-                            subscriber,
-                            join: None,
-                        };
-                        self.patterns.insert(pattern, conn.id, route);
-                        self.reconcile_pattern_interest(backend, pattern);
-                    }
-                }
+                let rewind = match options.replay {
+                    Replay::Rewind(n) => n,
+                    _ => 0,
+                };
+                self.subscribe_pattern(backend, pattern, subscriber, rewind, acknowledge)
+                    .await
             }
         }
     }
 
-    fn subscribe_topic(
+    async fn subscribe_topic(
         &self,
         backend: &dyn Backend,
-        name: &str,
+        name: &Arc<str>,
         subscriber: Subscriber,
         replay: &Replay,
         acknowledge: &mut dyn FnMut(&Subscribed),
-    ) {
+    ) -> Result<(), Unavailable> {
         let id = subscriber.conn.id;
         let route = ExactRoute {
             subscriber: subscriber.clone(),
@@ -436,6 +511,14 @@ impl Hub {
             (topic.clone(), continuing)
         });
         self.reconcile_interest(backend, &topic);
+        // Undoes the registration if the backend fails us or the subscriber goes away meanwhile.
+        let mut pending = PendingRoute {
+            hub: self,
+            backend,
+            topic: &topic,
+            id,
+            inherited: continuing.clone(),
+        };
 
         let query = match replay {
             Replay::Since { seq, .. } => HistoryQuery::After {
@@ -445,7 +528,10 @@ impl Hub {
             Replay::Rewind(n) => HistoryQuery::Last(*n),
             Replay::None => HistoryQuery::Last(0),
         };
-        let page = backend.history(name, query);
+        let subject = Subject::Topic(name.clone());
+        backend.listening(&subject).get().await?;
+        let page = backend.history(name, query).get().await?;
+        pending.done();
         let recovered = match replay {
             Replay::Since { epoch, seq } => {
                 Some(page.as_ref().is_some_and(|p| p.covers_after(epoch, *seq)))
@@ -493,7 +579,7 @@ impl Hub {
                     }
                 }
             });
-            return;
+            return Ok(());
         };
         // The connection already received the topic (a subscription being changed, or through a
         // pattern): its stream goes on uninterrupted, with nothing dropped, and the replay asked
@@ -518,43 +604,70 @@ impl Hub {
                 route.offer_live(publication, ns);
             }
         });
+        Ok(())
     }
 
-    /// A pattern subscription with a rewind: every matching topic with history replays its last
-    /// `n` messages before its live ones.
-    fn subscribe_pattern_with_rewind(
+    /// A pattern subscription. Its live messages are held until the backend listens and the
+    /// acknowledgement is queued; with a rewind, every matching topic with history replays its
+    /// last `rewind` messages before its live ones.
+    async fn subscribe_pattern(
         &self,
         backend: &dyn Backend,
         pattern: &Arc<str>,
         subscriber: Subscriber,
-        n: usize,
-    ) {
+        rewind: usize,
+        acknowledge: &mut dyn FnMut(&Subscribed),
+    ) -> Result<(), Unavailable> {
+        let id = subscriber.conn.id;
         let join = Arc::new(PatternJoin::replaying());
         let route = PatternRoute {
             subscriber: subscriber.clone(),
             join: Some(join.clone()),
         };
-        self.patterns.insert(pattern, subscriber.conn.id, route);
+        // A subscription being changed: its old route, to put back if this one fails.
+        let previous = self.patterns.insert(pattern, id, route);
         self.reconcile_pattern_interest(backend, pattern);
+        let mut pending = PendingPattern {
+            hub: self,
+            backend,
+            pattern,
+            id,
+            previous,
+        };
+        let subject = Subject::Pattern(pattern.clone());
+        backend.listening(&subject).get().await?;
+        let mut pages = Vec::new();
+        if rewind > 0 {
+            let filter = StreamFilter::Matching(pattern.clone());
+            for stream in backend.streams(filter).get().await? {
+                if stream.history == 0 {
+                    continue;
+                }
+                if let Some(page) = backend
+                    .history(&stream.name, HistoryQuery::Last(rewind))
+                    .get()
+                    .await?
+                {
+                    pages.push((stream.name, page));
+                }
+            }
+        }
+        pending.done();
+        acknowledge(&Subscribed::default());
 
         let mut replayed = HashMap::new();
-        for stream in backend.streams(&|name| topic::matches(pattern, name)) {
-            if stream.history == 0 {
-                continue;
-            }
-            let Some(page) = backend.history(&stream.name, HistoryQuery::Last(n)) else {
-                continue;
-            };
-            let ns = self.metrics.namespace(&stream.name);
+        for (name, page) in pages {
+            let ns = self.metrics.namespace(&name);
             for publication in &page.publications {
                 subscriber.offer_replayed(publication, ns, page.frame_meter.as_deref());
             }
-            replayed.insert(stream.name, page.position);
+            replayed.insert(name, page.position);
         }
         join.release(replayed, |publication| {
             let ns = self.metrics.namespace(&publication.topic);
             subscriber.offer(publication, ns, publication.published_at);
         });
+        Ok(())
     }
 
     /// Stops delivering messages on `subject` to `conn`; unknown subscriptions are ignored.

@@ -130,11 +130,10 @@ impl<T: Clone> Node<T> {
 
 impl<T: Clone> PatternIndex<T> {
     /// Adds a connection's pattern subscription, or replaces its value if it already has it.
-    pub(crate) fn insert(&self, pattern: &str, conn: ConnectionId, value: T) {
+    /// Adds (or replaces) `conn`'s entry for `pattern`; returns the entry it replaced.
+    pub(crate) fn insert(&self, pattern: &str, conn: ConnectionId, value: T) -> Option<T> {
         let segments: Vec<&str> = pattern.split('.').collect();
-        let Some((last, init)) = segments.split_last() else {
-            return;
-        };
+        let (last, init) = segments.split_last()?;
         let mut node = &mut *self.root.write();
         for segment in init {
             node = node.child(segment);
@@ -144,14 +143,16 @@ impl<T: Clone> PatternIndex<T> {
         } else {
             &mut node.child(last).here
         };
-        match list.iter_mut().find(|(id, _)| *id == conn) {
-            Some(existing) => existing.1 = value,
+        let replaced = match list.iter_mut().find(|(id, _)| *id == conn) {
+            Some(existing) => Some(std::mem::replace(&mut existing.1, value)),
             None => {
                 list.push((conn, value));
                 self.count.fetch_add(1, Ordering::Relaxed);
+                None
             }
-        }
+        };
         self.generation.fetch_add(1, Ordering::Release);
+        replaced
     }
 
     pub(crate) fn remove(&self, pattern: &str, conn: ConnectionId) {
