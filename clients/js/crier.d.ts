@@ -124,6 +124,7 @@ export type ServerErrorCode =
   | "forbidden"
   | "invalid_token"
   | "rate_limited"
+  | "unavailable"
   | "bad_request"
   | "bad_handshake"
   | "origin_not_allowed"

@@ -180,6 +180,8 @@ pub enum ErrorCode {
     InvalidToken,
     /// Over the server's publish rate: the message was not published.
     RateLimited,
+    /// The server's shared backend (Redis) cannot be reached now: try again later.
+    Unavailable,
     /// Upgrade refused: the server (503) or this address (429) is at its connection limit.
     TooManyConnections,
     /// Upgrade refused: the `Origin` header is not allowed.
@@ -202,6 +204,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::InvalidToken => "invalid_token",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::OriginNotAllowed => "origin_not_allowed",
             ErrorCode::ShuttingDown => "shutting_down",
@@ -222,6 +225,7 @@ impl From<&str> for ErrorCode {
             "forbidden" => ErrorCode::Forbidden,
             "invalid_token" => ErrorCode::InvalidToken,
             "rate_limited" => ErrorCode::RateLimited,
+            "unavailable" => ErrorCode::Unavailable,
             "too_many_connections" => ErrorCode::TooManyConnections,
             "origin_not_allowed" => ErrorCode::OriginNotAllowed,
             "shutting_down" => ErrorCode::ShuttingDown,

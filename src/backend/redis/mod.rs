@@ -48,6 +48,8 @@ use crate::topic::{self, Subject};
 
 /// How often the watcher checks that Redis answers.
 const WATCH_EVERY: Duration = Duration::from_millis(500);
+/// The longest pause between checks while Redis does not answer.
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(4);
 /// How long the node may take to reach Redis when it starts.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -310,22 +312,24 @@ impl Backend for RedisBackend {
 }
 
 /// Checks that Redis answers, on both connections; marks the node unready while it does not,
-/// and has the subscriptions made again once it does.
+/// and has the subscriptions made again once it does. While Redis is away it is asked less and
+/// less often (exponential backoff up to [`WATCH_BACKOFF_MAX`]).
 async fn watch(store: Arc<Store>, interest: Arc<Interest>, health: Arc<Health>, pubsub: Link) {
     let metrics = &store.metrics;
-    let mut tick = tokio::time::interval(WATCH_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pause = WATCH_EVERY;
     loop {
-        tick.tick().await;
+        tokio::time::sleep(pause).await;
         metrics.operations(Op::Ping, 2);
         let commands = metrics.timed(Op::Ping, store.commands.ping()).await;
         let subscriptions = metrics.timed(Op::Ping, pubsub.ping()).await;
         if commands.is_ok() && subscriptions.is_ok() {
+            pause = WATCH_EVERY;
             metrics.connected.set(1);
             if health.take_resync() {
                 interest.resync();
             }
         } else {
+            pause = (pause * 2).min(WATCH_BACKOFF_MAX);
             metrics.connected.set(0);
             if !health.resync_needed() {
                 tracing::warn!("Redis does not answer; publishes are refused until it does");
