@@ -5,8 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages: Chromium for the browser test, Prometheus (promtool and the server) for the
-# metrics tests, Node.js to drive the browser.
+# metrics tests, Node.js to drive the browser, redis-server and redis-cli for the tests that run
+# Redis (and Redis Cluster) servers of their own beside the machine's Redis on 6379.
 missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v redis-cli >/dev/null || missing+=(redis-tools)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v promtool >/dev/null || missing+=(prometheus)
 command -v node >/dev/null || missing+=(nodejs npm)

@@ -451,9 +451,14 @@ fn dashboard_exprs(node: &Value, out: &mut Vec<String>) {
 
 #[tokio::test]
 async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
+    // Over the machine's Redis (a prefix of its own), so that the backend's panels have data too.
     let server = TestServer::with(|c| {
         c.max_buffered_bytes = 64 * 1024;
         c.metrics_namespaces = vec!["metrics".into()];
+        c.redis = vec!["redis://127.0.0.1:6379/0".into()];
+        c.redis_prefix = format!("test-metrics-{:016x}", fastrand::u64(..));
+        c.topic_ttl = Duration::from_secs(60);
+        c.history_ttl = Duration::from_secs(60);
     });
     let prometheus = Prometheus::start(server.addr).await;
 

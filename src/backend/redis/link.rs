@@ -218,8 +218,6 @@ pub(crate) fn error_kind(error: &RedisError) -> &'static str {
     } else if error.is_io_error() || error.is_connection_dropped() || error.is_connection_refusal()
     {
         "connection"
-    } else if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) {
-        "noscript"
     } else {
         "server"
     }

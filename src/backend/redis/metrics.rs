@@ -11,6 +11,9 @@ use super::link::{RESPONSE_TIMEOUT, error_kind};
 use crate::backend::Unavailable;
 use crate::metrics::Metrics;
 
+/// How a round trip fails, as `crier_backend_errors_total` labels it.
+const ERROR_KINDS: [&str; 4] = ["connection", "timeout", "server", "malformed"];
+
 /// What the backend does with Redis, as metrics label it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Op {
@@ -25,6 +28,17 @@ pub(crate) enum Op {
 }
 
 impl Op {
+    const ALL: [Op; 8] = [
+        Op::Publish,
+        Op::History,
+        Op::Subscribe,
+        Op::Unsubscribe,
+        Op::Streams,
+        Op::Ping,
+        Op::Refresh,
+        Op::Fill,
+    ];
+
     pub(crate) fn name(self) -> &'static str {
         match self {
             Op::Publish => "publish",
@@ -95,6 +109,13 @@ impl RedisMetrics {
         )
         .expect("valid metric");
         connected.set(1);
+        // Every series exists from the start, at zero: a dashboard shows "no errors", not "no data".
+        for op in Op::ALL {
+            operations.with_label_values(&[op.name()]);
+            for kind in ERROR_KINDS {
+                errors.with_label_values(&[op.name(), kind]);
+            }
+        }
         metrics.register(Box::new(operations.clone()));
         metrics.register(Box::new(errors.clone()));
         metrics.register(Box::new(latency.clone()));
