@@ -22,9 +22,15 @@ struct Cli {
     /// The broker to load.
     #[arg(long, value_enum, default_value = "crier", global = true)]
     target: target::Kind,
-    /// Its WebSocket URL.
-    #[arg(long, default_value = "ws://127.0.0.1:8080/ws", global = true)]
-    url: String,
+    /// Its WebSocket URL. Several (repeated, or comma-separated) for the nodes of one cluster:
+    /// the i-th subscriber and the i-th publisher connect to URL i mod their number.
+    #[arg(
+        long,
+        default_value = "ws://127.0.0.1:8080/ws",
+        global = true,
+        value_delimiter = ','
+    )]
+    url: Vec<String>,
     /// Crier's wire encoding.
     #[arg(long, value_enum, default_value = "msgpack", global = true)]
     encoding: Enc,
@@ -67,7 +73,7 @@ async fn main() {
     let cli = Cli::parse();
     let target = target::Target {
         kind: cli.target,
-        url: cli.url,
+        urls: cli.url,
         encoding: match cli.encoding {
             Enc::Json => Encoding::Json,
             Enc::Msgpack => Encoding::Msgpack,

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::stats::{self, Received};
-use crate::target::{Error, Subscriber, Target};
+use crate::target::{Error, Kind, Subscriber, Target};
 
 /// A counter written by one task, padded so that neighbours do not share a cache line.
 #[repr(align(64))]
@@ -47,7 +47,8 @@ pub struct FanoutArgs {
     pub topic: String,
 }
 
-/// Connects `n` subscribers, a bounded number at a time.
+/// Connects `n` subscribers, spread round robin over the target's nodes, a bounded number at
+/// a time.
 async fn connect_subscribers(
     target: &Target,
     topic: &str,
@@ -55,10 +56,10 @@ async fn connect_subscribers(
 ) -> Result<Vec<Subscriber>, Error> {
     let mut subscribers = Vec::with_capacity(n);
     let mut pending = Vec::new();
-    for _ in 0..n {
+    for i in 0..n {
         let (target, topic) = (target.clone(), topic.to_owned());
         pending.push(tokio::spawn(async move {
-            target.subscriber(&topic, None).await
+            target.subscriber(i, &topic, None).await
         }));
         if pending.len() == 64 {
             for p in pending.drain(..) {
@@ -85,9 +86,9 @@ fn spawn_reader(
         loop {
             tokio::select! {
                 biased;
-                payload = subscriber.recv() => match payload {
-                    Some(payload) => {
-                        received.record(epoch, &payload, numbered);
+                delivery = subscriber.recv() => match delivery {
+                    Some(delivery) => {
+                        received.record(epoch, delivery.seq, &delivery.payload, numbered);
                         count.0.fetch_add(1, Ordering::Relaxed);
                     }
                     None => break,
@@ -126,7 +127,8 @@ impl FlowControl {
 
 /// Publishes on `topics` (round robin) until the deadline, at `rate` per second (this
 /// publisher's share) or, without a rate, whenever fewer than `window` messages per subscriber
-/// are in flight. Returns how many it published per stream.
+/// are in flight. Publisher `stream` connects to node `stream` (round robin). Returns how many
+/// it published.
 #[allow(clippy::too_many_arguments)]
 async fn publish_loop(
     target: Target,
@@ -138,7 +140,7 @@ async fn publish_loop(
     epoch: Instant,
     flow: Option<FlowControl>,
 ) -> Result<u64, Error> {
-    let mut publisher = target.publisher().await?;
+    let mut publisher = target.publisher(stream as usize).await?;
     let started = Instant::now();
     let mut sent = 0u64;
     while Instant::now() < deadline {
@@ -263,6 +265,7 @@ pub async fn fanout(target: &Target, args: &FanoutArgs) -> Result<Value, Error> 
         "encoding": format!("{:?}", target.encoding).to_lowercase(),
         "subscribers": args.subscribers,
         "publishers": args.publishers,
+        "nodes": target.nodes(),
         "payload": args.payload,
         "rate": args.rate,
         "duration_s": args.duration,
@@ -273,6 +276,7 @@ pub async fn fanout(target: &Target, args: &FanoutArgs) -> Result<Value, Error> 
         "latency_us": stats::latency_json(&all.latency),
         "lost": lost,
         "duplicated": all.duplicated,
+        "out_of_order": (target.kind == Kind::Crier).then_some(all.out_of_order),
         "broker_dropped": dropped.map(|(before, after)| after.saturating_sub(before)),
     }))
 }
@@ -307,7 +311,7 @@ pub async fn topics(target: &Target, args: &TopicsArgs) -> Result<Value, Error> 
     let mut readers = Vec::new();
     let mut counters = Vec::new();
     let (stop_tx, stop) = watch::channel(false);
-    for _ in 0..args.connections {
+    for i in 0..args.connections {
         let mut chosen: Vec<usize> = Vec::new();
         while chosen.len() < args.per_connection.min(args.topics) {
             let t = fastrand::usize(..args.topics);
@@ -319,7 +323,7 @@ pub async fn topics(target: &Target, args: &TopicsArgs) -> Result<Value, Error> 
             subscribers_of[t] += 1;
         }
         let topics: Vec<String> = chosen.iter().map(|&t| names[t].clone()).collect();
-        let subscriber = target.subscriber_to_all(&topics).await?;
+        let subscriber = target.subscriber_to_all(i, &topics).await?;
         let counter = Arc::new(Counter::default());
         readers.push(spawn_reader(
             subscriber,
@@ -379,6 +383,7 @@ pub async fn topics(target: &Target, args: &TopicsArgs) -> Result<Value, Error> 
         "topics": args.topics,
         "connections": args.connections,
         "per_connection": args.per_connection,
+        "nodes": target.nodes(),
         "payload": args.payload,
         "rate": args.rate,
         "published": total_published,
@@ -407,7 +412,16 @@ pub struct ConnectionsArgs {
     pub hold: f64,
 }
 
+/// `--broker-pid` reads one process: with several nodes its figures would mean nothing.
+fn one_node_for_pid(target: &Target, broker_pid: Option<u32>) -> Result<(), Error> {
+    if broker_pid.is_some() && target.nodes() > 1 {
+        return Err("--broker-pid reads one node: give one --url".into());
+    }
+    Ok(())
+}
+
 pub async fn connections(target: &Target, args: &ConnectionsArgs) -> Result<Value, Error> {
+    one_node_for_pid(target, args.broker_pid)?;
     let before = args.broker_pid.and_then(stats::rss_kib);
     let started = Instant::now();
     let mut open = Vec::with_capacity(args.connections);
@@ -421,7 +435,9 @@ pub async fn connections(target: &Target, args: &ConnectionsArgs) -> Result<Valu
             1 + (i % args.source_addresses.max(1) as usize) as u8,
         ));
         let target = target.clone();
-        pending.push(tokio::spawn(async move { target.idle(Some(local)).await }));
+        pending.push(tokio::spawn(
+            async move { target.idle(i, Some(local)).await },
+        ));
         if pending.len() == 256 {
             for p in pending.drain(..) {
                 match p.await? {
@@ -514,6 +530,7 @@ async fn publish_phase(
 }
 
 pub async fn slow(target: &Target, args: &SlowArgs) -> Result<Value, Error> {
+    one_node_for_pid(target, args.broker_pid)?;
     let epoch = Instant::now();
     let subscribers = connect_subscribers(target, &args.topic, args.subscribers).await?;
     let counters: Vec<Arc<Counter>> = (0..args.subscribers)
@@ -541,7 +558,7 @@ pub async fn slow(target: &Target, args: &SlowArgs) -> Result<Value, Error> {
 
     // Phase two: a new set of readers (fresh histograms) and one subscriber that never reads.
     let subscribers = connect_subscribers(target, &args.topic, args.subscribers).await?;
-    let _slow = target.subscriber(&args.topic, None).await?;
+    let _slow = target.subscriber(0, &args.topic, None).await?;
     let counters: Vec<Arc<Counter>> = (0..args.subscribers)
         .map(|_| Arc::new(Counter::default()))
         .collect();

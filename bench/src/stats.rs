@@ -33,9 +33,14 @@ pub struct Received {
     pub messages: u64,
     pub lost: u64,
     pub duplicated: u64,
+    /// Messages whose topic `seq` was not above the previous message's: the broker orders a
+    /// topic once for all its subscribers (and all its nodes), so any is a fault. Counted only
+    /// in numbered runs, which have one topic, and only for brokers that number messages.
+    pub out_of_order: u64,
     pub last_at: Option<Instant>,
     /// The next counter expected from each stream (streams are small numbers).
     next: Vec<u64>,
+    last_seq: Option<u64>,
 }
 
 impl Default for Received {
@@ -45,16 +50,19 @@ impl Default for Received {
             messages: 0,
             lost: 0,
             duplicated: 0,
+            out_of_order: 0,
             last_at: None,
             next: Vec::new(),
+            last_seq: None,
         }
     }
 }
 
 impl Received {
-    /// Records a payload received now; `numbered` says whether each stream's counter starts at
-    /// 0 and goes up by one (so gaps are losses).
-    pub fn record(&mut self, epoch: Instant, payload: &[u8], numbered: bool) {
+    /// Records a message received now, with its topic seq if the broker numbers messages;
+    /// `numbered` says whether each stream's counter starts at 0 and goes up by one (so gaps are
+    /// losses) and all messages are on one topic.
+    pub fn record(&mut self, epoch: Instant, seq: Option<u64>, payload: &[u8], numbered: bool) {
         let now = Instant::now();
         let Some((at, stream, n)) = parse(payload) else {
             return;
@@ -77,6 +85,12 @@ impl Received {
             } else {
                 self.duplicated += 1;
             }
+            if let Some(seq) = seq {
+                if self.last_seq.is_some_and(|last| seq <= last) {
+                    self.out_of_order += 1;
+                }
+                self.last_seq = Some(seq);
+            }
         }
     }
 
@@ -85,6 +99,7 @@ impl Received {
         self.messages += other.messages;
         self.lost += other.lost;
         self.duplicated += other.duplicated;
+        self.out_of_order += other.out_of_order;
         self.last_at = self.last_at.max(other.last_at);
     }
 
@@ -179,10 +194,22 @@ mod tests {
         let epoch = Instant::now();
         let mut r = Received::default();
         for n in [0, 1, 3, 4, 4, 2] {
-            r.record(epoch, &payload(epoch, 7, n, 16), true);
+            r.record(epoch, None, &payload(epoch, 7, n, 16), true);
         }
         assert_eq!((r.messages, r.lost, r.duplicated), (6, 1, 2));
+        assert_eq!(r.out_of_order, 0, "nothing to say without seqs");
         let published = HashMap::from([(7, 8)]);
         assert_eq!(r.expected_lost_at_end(&published), 3);
+    }
+
+    #[test]
+    fn seqs_going_back_are_out_of_order() {
+        let epoch = Instant::now();
+        let mut r = Received::default();
+        // Two publishers' streams interleaved on one topic; seq 12 comes back after 13.
+        for (seq, stream, n) in [(10, 0, 0), (11, 1, 0), (13, 1, 1), (12, 0, 1), (14, 0, 2)] {
+            r.record(epoch, Some(seq), &payload(epoch, stream, n, 16), true);
+        }
+        assert_eq!((r.lost, r.duplicated, r.out_of_order), (0, 0, 1));
     }
 }

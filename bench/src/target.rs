@@ -1,6 +1,9 @@
 //! The brokers a scenario can run against, behind one interface: Crier (through `crier-client`)
 //! and NATS over WebSocket (the NATS text protocol: `CONNECT`, `SUB`, `PUB`, `PING`/`PONG`).
 //! Scenarios only see [`Subscriber`] and [`Publisher`], so both run the same code.
+//!
+//! A target may be several nodes of one broker (Crier nodes sharing a Redis): connections are
+//! spread round robin, the i-th subscriber (or publisher) on node i mod the number of nodes.
 
 use std::net::IpAddr;
 
@@ -22,7 +25,8 @@ pub enum Kind {
 #[derive(Debug, Clone)]
 pub struct Target {
     pub kind: Kind,
-    pub url: String,
+    /// One WebSocket URL per node (at least one).
+    pub urls: Vec<String>,
     pub encoding: Encoding,
 }
 
@@ -43,51 +47,79 @@ pub enum Publisher {
 }
 
 impl Target {
+    pub fn nodes(&self) -> usize {
+        self.urls.len()
+    }
+
+    /// The URL of node `i` (round robin).
+    fn url(&self, i: usize) -> &str {
+        &self.urls[i % self.urls.len()]
+    }
+
     /// Messages the broker dropped by policy so far (Crier's `crier_messages_dropped_total`,
-    /// all reasons), so a run can tell messages lost to a firing drop policy from messages
-    /// lost in error. `None` for NATS, which drops nothing without closing the connection.
+    /// all reasons, summed over the nodes), so a run can tell messages lost to a firing drop
+    /// policy from messages lost in error. `None` for NATS, which drops nothing without closing
+    /// the connection, or when a node's metrics cannot be read.
     pub async fn broker_dropped(&self) -> Option<u64> {
         if self.kind != Kind::Crier {
             return None;
         }
-        let url = self.url.replacen("ws", "http", 1);
-        let base = url.split("/ws").next()?;
-        let text = reqwest::get(format!("{base}/metrics"))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        Some(
-            text.lines()
+        // A node given twice (the same URL) is counted once.
+        let mut bases: Vec<String> = self
+            .urls
+            .iter()
+            .filter_map(|url| {
+                let url = url.replacen("ws", "http", 1);
+                Some(url.split("/ws").next()?.to_owned())
+            })
+            .collect();
+        bases.sort();
+        bases.dedup();
+        let mut dropped = 0;
+        for base in bases {
+            let text = reqwest::get(format!("{base}/metrics"))
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            dropped += text
+                .lines()
                 .filter(|line| line.starts_with("crier_messages_dropped_total"))
                 .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum::<f64>() as u64,
-        )
+                .sum::<f64>() as u64;
+        }
+        Some(dropped)
     }
 
+    /// A subscriber to `topic` on node `node`.
     pub async fn subscriber(
         &self,
+        node: usize,
         topic: &str,
         local: Option<IpAddr>,
     ) -> Result<Subscriber, Error> {
         match self.kind {
             Kind::Crier => {
-                let client = self.crier(local).await?;
+                let client = self.crier(node, local).await?;
                 client.subscribe(topic).await?;
                 Ok(Subscriber::Crier(client))
             }
             Kind::NatsWs => {
-                let mut nats = Nats::connect(&self.url, local).await?;
+                let mut nats = Nats::connect(self.url(node), local).await?;
                 nats.subscribe(topic).await?;
                 Ok(Subscriber::Nats(Box::new(nats)))
             }
         }
     }
 
-    /// A subscriber to several topics.
-    pub async fn subscriber_to_all(&self, topics: &[String]) -> Result<Subscriber, Error> {
-        let mut subscriber = self.subscriber(&topics[0], None).await?;
+    /// A subscriber to several topics, on node `node`.
+    pub async fn subscriber_to_all(
+        &self,
+        node: usize,
+        topics: &[String],
+    ) -> Result<Subscriber, Error> {
+        let mut subscriber = self.subscriber(node, &topics[0], None).await?;
         for topic in &topics[1..] {
             match &mut subscriber {
                 Subscriber::Crier(client) => {
@@ -99,27 +131,28 @@ impl Target {
         Ok(subscriber)
     }
 
-    pub async fn publisher(&self) -> Result<Publisher, Error> {
+    /// A publisher on node `node`.
+    pub async fn publisher(&self, node: usize) -> Result<Publisher, Error> {
         match self.kind {
-            Kind::Crier => Ok(Publisher::Crier(self.crier(None).await?)),
+            Kind::Crier => Ok(Publisher::Crier(self.crier(node, None).await?)),
             Kind::NatsWs => Ok(Publisher::Nats(Box::new(
-                Nats::connect(&self.url, None).await?,
+                Nats::connect(self.url(node), None).await?,
             ))),
         }
     }
 
-    /// A connection doing nothing (for the connections scenario).
-    pub async fn idle(&self, local: Option<IpAddr>) -> Result<Subscriber, Error> {
+    /// A connection doing nothing (for the connections scenario), on node `node`.
+    pub async fn idle(&self, node: usize, local: Option<IpAddr>) -> Result<Subscriber, Error> {
         match self.kind {
-            Kind::Crier => Ok(Subscriber::Crier(self.crier(local).await?)),
+            Kind::Crier => Ok(Subscriber::Crier(self.crier(node, local).await?)),
             Kind::NatsWs => Ok(Subscriber::Nats(Box::new(
-                Nats::connect(&self.url, local).await?,
+                Nats::connect(self.url(node), local).await?,
             ))),
         }
     }
 
-    async fn crier(&self, local: Option<IpAddr>) -> Result<Client, Error> {
-        let mut builder = Client::builder(self.url.clone())
+    async fn crier(&self, node: usize, local: Option<IpAddr>) -> Result<Client, Error> {
+        let mut builder = Client::builder(self.url(node))
             .encoding(self.encoding)
             .buffer(4096);
         if let Some(local) = local {
@@ -129,18 +162,33 @@ impl Target {
     }
 }
 
+/// A message as a subscriber received it.
+pub struct Delivery {
+    /// Its sequence number on its topic (Crier's `seq`; NATS has none).
+    pub seq: Option<u64>,
+    pub payload: Bytes,
+}
+
 impl Subscriber {
-    /// The next message's payload; None when the connection is gone.
-    pub async fn recv(&mut self) -> Option<Bytes> {
+    /// The next message; None when the connection is gone.
+    pub async fn recv(&mut self) -> Option<Delivery> {
         match self {
             Subscriber::Crier(client) => loop {
                 match client.next_event().await? {
-                    Event::Message(message) => return message.bytes().ok(),
+                    Event::Message(message) => {
+                        return Some(Delivery {
+                            seq: Some(message.seq()),
+                            payload: message.bytes().ok()?,
+                        });
+                    }
                     Event::Closed(_) => return None,
                     _ => {}
                 }
             },
-            Subscriber::Nats(nats) => nats.next_msg().await,
+            Subscriber::Nats(nats) => Some(Delivery {
+                seq: None,
+                payload: nats.next_msg().await?,
+            }),
         }
     }
 }

@@ -11,8 +11,17 @@ use serde_json::Value;
 
 /// Runs `crier-bench` against `server` and returns its one-line JSON summary.
 fn bench(server: &TestServer, args: &[&str]) -> Value {
+    bench_nodes(&[server], args)
+}
+
+/// Runs `crier-bench` against the nodes of one broker (one `--url` each).
+fn bench_nodes(nodes: &[&TestServer], args: &[&str]) -> Value {
     let output = Command::new(env!("CARGO_BIN_EXE_crier-bench"))
-        .args(["--url", &server.ws_url("")])
+        .args(
+            nodes
+                .iter()
+                .flat_map(|n| ["--url".to_owned(), n.ws_url("")]),
+        )
         .args(args)
         .output()
         .expect("crier-bench runs");
@@ -53,8 +62,100 @@ fn fanout_delivers_every_message_to_every_subscriber() {
             "{r}"
         );
         assert_eq!(r["broker_dropped"], 0, "{r}");
+        assert_eq!(
+            (r["nodes"].as_u64(), r["out_of_order"].as_u64()),
+            (Some(1), Some(0)),
+            "{r}"
+        );
         assert!(r["latency_us"]["p99"].as_u64().unwrap() > 0, "{r}");
     }
+}
+
+#[test]
+fn fanout_spreads_subscribers_and_publishers_over_the_urls() {
+    // One node named twice (independent memory nodes share nothing, so two of them would lose
+    // each other's messages): the accounting is the same as with one URL, and exact.
+    let server = TestServer::start();
+    let r = bench_nodes(
+        &[&server, &server],
+        &[
+            "fanout",
+            "--subscribers",
+            "5",
+            "--publishers",
+            "3",
+            "--duration",
+            "0.5",
+        ],
+    );
+    assert_eq!(r["nodes"], 2, "{r}");
+    let published = r["published"].as_u64().unwrap();
+    assert!(published > 0, "{r}");
+    assert_eq!(r["delivered"].as_u64().unwrap(), published * 5, "{r}");
+    assert_eq!(
+        (
+            r["lost"].as_u64(),
+            r["duplicated"].as_u64(),
+            r["out_of_order"].as_u64()
+        ),
+        (Some(0), Some(0), Some(0)),
+        "{r}"
+    );
+    // Comma-separated URLs are the same as repeated ones.
+    let url = server.ws_url("");
+    let r = bench(
+        &server,
+        &[
+            "--url",
+            &format!("{url},{url}"),
+            "fanout",
+            "--subscribers",
+            "2",
+            "--duration",
+            "0.2",
+        ],
+    );
+    assert_eq!(r["nodes"], 3, "{r}");
+    assert_eq!(r["lost"], 0, "{r}");
+}
+
+#[test]
+fn fanout_over_two_nodes_sharing_redis_accounts_for_every_message() {
+    // The local Redis, under a key prefix of this test's own.
+    let prefix = format!("bench-test-{}", fastrand::u64(..));
+    let node = || {
+        TestServer::with(|c| {
+            c.redis = vec!["redis://127.0.0.1:6379/0".to_owned()];
+            c.redis_prefix = prefix.clone();
+        })
+    };
+    let (a, b) = (node(), node());
+    let r = bench_nodes(
+        &[&a, &b],
+        &[
+            "fanout",
+            "--subscribers",
+            "6",
+            "--publishers",
+            "2",
+            "--duration",
+            "0.5",
+        ],
+    );
+    assert_eq!(r["nodes"], 2, "{r}");
+    let published = r["published"].as_u64().unwrap();
+    assert!(published > 0, "{r}");
+    // Each subscriber has both publishers' messages, whichever node it is on.
+    assert_eq!(r["delivered"].as_u64().unwrap(), published * 6, "{r}");
+    assert_eq!(
+        (
+            r["lost"].as_u64(),
+            r["duplicated"].as_u64(),
+            r["out_of_order"].as_u64()
+        ),
+        (Some(0), Some(0), Some(0)),
+        "{r}"
+    );
 }
 
 #[test]
