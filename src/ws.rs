@@ -196,13 +196,35 @@ pub(crate) async fn upgrade(
         .max_frame_size(limit)
         .aggregate_continuations()
         .max_continuation_size(limit);
-    let actor = ConnectionActor::new(broker.into_inner(), conn.clone());
+    let broker = broker.into_inner();
+    let actor = ConnectionActor::new(broker.clone(), conn.clone());
+    // If the client goes away while the subscriptions wait on the backend, this handler is
+    // dropped before the actor starts, and the connection is ended here instead.
+    let unstarted = Unstarted(Some((broker, conn.clone())));
     // The response, and so `welcome`, goes out only after this returns.
     actor.subscribe_on_connect(&initial).await;
     actor.start_with(messages);
+    unstarted.started();
 
     let (head, ws_body) = response.into_parts();
     Ok(head.set_body(OutboundBody::new(conn, ws_body)))
+}
+
+/// A connection the broker took in whose actor has not started: dropped as such, it is ended.
+struct Unstarted(Option<(Arc<Broker>, Arc<Connection>)>);
+
+impl Unstarted {
+    fn started(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Unstarted {
+    fn drop(&mut self) {
+        if let Some((broker, conn)) = self.0.take() {
+            broker.disconnect(&conn);
+        }
+    }
 }
 
 /// The limits a client is told about in `welcome`.

@@ -60,6 +60,12 @@ pub(crate) trait DeliverySink: Send + Sync + 'static {
     /// queued for (or held for, by a subscription still replaying). Publications of one topic
     /// arrive in seq order, from any thread.
     fn deliver(&self, publication: &Arc<Publication>) -> usize;
+
+    /// Whether any connection on this node would receive a publication on `topic` now.
+    fn wants(&self, topic: &str) -> bool {
+        let _ = topic;
+        true
+    }
 }
 
 /// The outcome of one publish.

@@ -373,31 +373,32 @@ fn one_route_per_connection(mut routes: Vec<(ConnectionId, PatternRoute)>) -> Ar
 }
 
 /// An exact route registered by a subscription still waiting on the backend. Dropped before
-/// `done`, it takes the route out again: a subscription being changed goes on live as before,
-/// a new one is removed.
+/// `done`, it takes the route out again: a subscription being changed goes on live as before
+/// (in its new mode), a new one is removed.
 struct PendingRoute<'a> {
     hub: &'a Hub,
     backend: &'a dyn Backend,
     topic: &'a Arc<HubTopic>,
     id: ConnectionId,
-    /// Set for a connection that already received the topic: what its stream was dropping.
-    inherited: Option<Option<StreamPosition>>,
+    /// Set when the connection already had an exact subscription to the topic: what its stream
+    /// was dropping as repeats of its own replay.
+    changed: Option<Option<StreamPosition>>,
+    done: bool,
 }
 
 impl PendingRoute<'_> {
     fn done(&mut self) {
-        self.inherited = None;
-        self.id = ConnectionId(u64::MAX);
+        self.done = true;
     }
 }
 
 impl Drop for PendingRoute<'_> {
     fn drop(&mut self) {
-        if self.id == ConnectionId(u64::MAX) {
+        if self.done {
             return;
         }
         let ns = self.hub.metrics.namespace(&self.topic.name);
-        let emptied = self.topic.with(|state| match self.inherited.take() {
+        let emptied = self.topic.with(|state| match self.changed.take() {
             Some(inherited) => {
                 if let Some(route) = state.exact.get_mut(&self.id)
                     && let Some(held) = route.go_live(inherited)
@@ -424,17 +425,18 @@ struct PendingPattern<'a> {
     pattern: &'a Arc<str>,
     id: ConnectionId,
     previous: Option<PatternRoute>,
+    done: bool,
 }
 
 impl PendingPattern<'_> {
     fn done(&mut self) {
-        self.id = ConnectionId(u64::MAX);
+        self.done = true;
     }
 }
 
 impl Drop for PendingPattern<'_> {
     fn drop(&mut self) {
-        if self.id == ConnectionId(u64::MAX) {
+        if self.done {
             return;
         }
         match self.previous.take() {
@@ -505,10 +507,11 @@ impl Hub {
             subscriber: subscriber.clone(),
             join: Join::Replaying(Vec::new()),
         };
-        let (topic, continuing) = self.topics.with_or_create(name, |topic, state| {
+        let (topic, continuing, had_exact) = self.topics.with_or_create(name, |topic, state| {
             let continuing = state.continuing(name, id, &self.patterns);
+            let had_exact = state.exact.contains_key(&id);
             self.add_exact(state, id, route);
-            (topic.clone(), continuing)
+            (topic.clone(), continuing, had_exact)
         });
         self.reconcile_interest(backend, &topic);
         // Undoes the registration if the backend fails us or the subscriber goes away meanwhile.
@@ -517,7 +520,8 @@ impl Hub {
             backend,
             topic: &topic,
             id,
-            inherited: continuing.clone(),
+            changed: continuing.clone().filter(|_| had_exact),
+            done: false,
         };
 
         let query = match replay {
@@ -633,6 +637,7 @@ impl Hub {
             pattern,
             id,
             previous,
+            done: false,
         };
         let subject = Subject::Pattern(pattern.clone());
         backend.listening(&subject).get().await?;
@@ -770,6 +775,10 @@ impl Hub {
 }
 
 impl DeliverySink for Hub {
+    fn wants(&self, topic: &str) -> bool {
+        self.receivers(topic) > 0
+    }
+
     fn deliver(&self, publication: &Arc<Publication>) -> usize {
         let name = &publication.topic;
         let ns = self.metrics.namespace(name);

@@ -129,8 +129,8 @@ impl<T: Clone> Node<T> {
 }
 
 impl<T: Clone> PatternIndex<T> {
-    /// Adds a connection's pattern subscription, or replaces its value if it already has it.
-    /// Adds (or replaces) `conn`'s entry for `pattern`; returns the entry it replaced.
+    /// Adds a connection's pattern subscription, or replaces its value if it already has it;
+    /// returns the value it replaced.
     pub(crate) fn insert(&self, pattern: &str, conn: ConnectionId, value: T) -> Option<T> {
         let segments: Vec<&str> = pattern.split('.').collect();
         let (last, init) = segments.split_last()?;

@@ -15,10 +15,10 @@ use tokio::sync::{mpsc, watch};
 
 use super::health::Health;
 use super::keys::{Channel, Keys};
-use super::link::{Link, RESPONSE_TIMEOUT};
+use super::link::{Link, RESPONSE_TIMEOUT, error_kind, is_connection_failure};
 use super::metrics::{Op, RedisMetrics};
 use crate::backend::{Answer, Unavailable};
-use crate::topic::{self, Subject};
+use crate::topic::Subject;
 
 /// Whether a Redis subscription is in place.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,8 +66,8 @@ impl Interest {
     }
 
     /// Records that this node gained (`on`) or lost its interest in `subject`, and queues the
-    /// Redis subscription change it calls for. Returns whether the subscription ended.
-    pub(crate) fn declare(&self, subject: &Subject, on: bool) -> bool {
+    /// Redis subscription change it calls for.
+    pub(crate) fn declare(&self, subject: &Subject, on: bool) {
         let channel = self.keys.subscription(subject);
         let mut wants = self.wants.lock();
         if on {
@@ -86,18 +86,16 @@ impl Interest {
                 wants.next_version += 1;
                 let _ = self.changes.send(Change::Subscribe { channel, version });
             }
-            return false;
+            return;
         }
         let Some(want) = wants.by_channel.get_mut(&channel) else {
-            return false;
+            return;
         };
         want.subjects.remove(subject);
-        if !want.subjects.is_empty() {
-            return false;
+        if want.subjects.is_empty() {
+            wants.by_channel.remove(&channel);
+            let _ = self.changes.send(Change::Unsubscribe(channel));
         }
-        wants.by_channel.remove(&channel);
-        let _ = self.changes.send(Change::Unsubscribe(channel));
-        true
     }
 
     /// Answers once Redis has confirmed the subscription that serves `subject`.
@@ -131,16 +129,6 @@ impl Interest {
     pub(crate) fn wants_topic(&self, topic: &str) -> bool {
         let channel = self.keys.subscription(&Subject::Topic(topic.into()));
         self.wants.lock().by_channel.contains_key(&channel)
-    }
-
-    /// Whether any subject this node wants reaches `topic`.
-    pub(crate) fn reaches(&self, topic: &str) -> bool {
-        self.wants.lock().by_channel.values().any(|want| {
-            want.subjects.iter().any(|subject| match subject {
-                Subject::Topic(t) => **t == *topic,
-                Subject::Pattern(p) => topic::matches(p, topic),
-            })
-        })
     }
 
     /// The exact topics this node subscribes to.
@@ -201,16 +189,15 @@ pub(crate) async fn run(
     while let Some(change) = changes.recv().await {
         match change {
             Change::Subscribe { channel, version } => {
-                metrics.operation(Op::Subscribe);
-                let state = match metrics
-                    .timed(Op::Subscribe, pubsub.subscribe(&channel))
-                    .await
-                {
+                let state = match subscribe(&metrics, &pubsub, &channel).await {
                     Ok(()) => Listening::Yes,
-                    Err(e) => {
-                        // Made again when the connection is known to be back.
-                        health.need_resync();
-                        Listening::No(e.0)
+                    Err((why, connection_lost)) => {
+                        // Made again once the connection is known to be back; a subscription
+                        // Redis refuses (an ACL, say) is only answered as such.
+                        if connection_lost {
+                            health.need_resync();
+                        }
+                        Listening::No(why)
                     }
                 };
                 interest.settle(&channel, version, state);
@@ -231,19 +218,42 @@ pub(crate) async fn run(
 /// reader fetch what was published meanwhile.
 async fn resync(interest: &Interest, health: &Health, metrics: &RedisMetrics, pubsub: &Link) {
     let wanted = interest.wanted();
-    for (channel, _) in &wanted {
-        metrics.operation(Op::Subscribe);
-        if let Err(e) = metrics
-            .timed(Op::Subscribe, pubsub.subscribe(channel))
-            .await
-        {
-            health.need_resync();
-            interest.lost(&e.0);
-            return;
+    let mut refused = Vec::new();
+    for (channel, version) in &wanted {
+        match subscribe(metrics, pubsub, channel).await {
+            Ok(()) => {}
+            Err((why, true)) => {
+                health.need_resync();
+                interest.lost(&why);
+                return;
+            }
+            Err((why, false)) => refused.push((channel, *version, why)),
         }
     }
-    for (channel, version) in wanted {
-        interest.settle(&channel, version, Listening::Yes);
+    for (channel, version) in &wanted {
+        interest.settle(channel, *version, Listening::Yes);
+    }
+    for (channel, version, why) in refused {
+        interest.settle(channel, version, Listening::No(why));
     }
     health.resynced(metrics);
+}
+
+/// Subscribes once; a failure says why, and whether the connection failed (rather than Redis
+/// refusing this one subscription).
+async fn subscribe(
+    metrics: &RedisMetrics,
+    pubsub: &Link,
+    channel: &Channel,
+) -> Result<(), (String, bool)> {
+    metrics.operation(Op::Subscribe);
+    let attempt = async { Ok(pubsub.subscribe(channel).await) };
+    match metrics.timed(Op::Subscribe, attempt).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            metrics.error(Op::Subscribe, error_kind(&e));
+            Err((format!("Redis: {e}"), is_connection_failure(&e)))
+        }
+        Err(timed_out) => Err((timed_out.0, true)),
+    }
 }

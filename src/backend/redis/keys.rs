@@ -54,8 +54,10 @@ impl Keys {
 
     /// In a cluster, where publications are also published for pattern subscribers: sharded
     /// pub/sub has no patterns, so those go over classic pub/sub, which the cluster broadcasts.
+    /// (`{~p}` cannot begin another prefix's names: prefixes have no braces, topics no `~`.)
     pub(crate) fn broadcast(&self, topic: &str) -> Option<String> {
-        self.cluster.then(|| format!("{}:p:{topic}", self.prefix))
+        self.cluster
+            .then(|| format!("{}:{{~p}}:{topic}", self.prefix))
     }
 
     /// The glob every meta key of topics `pattern` may match is covered by (all, for None).
@@ -74,7 +76,7 @@ impl Keys {
                 Channel::Glob(format!("{}:{{{}}}:c", self.prefix, glob(pattern)))
             }
             (Subject::Pattern(pattern), true) => {
-                Channel::Glob(format!("{}:p:{}", self.prefix, glob(pattern)))
+                Channel::Glob(format!("{}:{{~p}}:{}", self.prefix, glob(pattern)))
             }
         }
     }
@@ -82,7 +84,7 @@ impl Keys {
     /// The topic a channel or meta key belongs to, if it is one of this prefix's.
     pub(crate) fn topic_of<'a>(&self, name: &'a str) -> Option<&'a str> {
         let rest = name.strip_prefix(&self.prefix)?.strip_prefix(':')?;
-        if let Some(topic) = rest.strip_prefix("p:") {
+        if let Some(topic) = rest.strip_prefix("{~p}:") {
             return Some(topic);
         }
         let rest = rest.strip_prefix('{')?;
@@ -175,10 +177,14 @@ mod tests {
         );
         assert_eq!(
             cluster.subscription(&Subject::parse(">").unwrap()),
-            Channel::Glob("x:p:*".into())
+            Channel::Glob("x:{~p}:*".into())
         );
-        assert_eq!(cluster.broadcast("t").as_deref(), Some("x:p:t"));
-        assert_eq!(cluster.topic_of("x:p:a.b"), Some("a.b"));
+        assert_eq!(cluster.broadcast("t").as_deref(), Some("x:{~p}:t"));
+        assert_eq!(cluster.topic_of("x:{~p}:a.b"), Some("a.b"));
+        // Another deployment's names never read as this one's, even when its prefix extends it.
+        let nested = Keys::new("x:p", true);
+        assert_eq!(cluster.topic_of(&nested.broadcast("t").unwrap()), None);
+        assert_eq!(cluster.topic_of(&nested.channel("t")), None);
     }
 
     #[test]

@@ -7,7 +7,9 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
+use redis::cluster_routing::{
+    MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, SingleNodeRoutingInfo,
+};
 use redis::{
     Cmd, IntoConnectionInfo, Pipeline, ProtocolVersion, PushInfo, RedisError, RedisFuture,
     RedisResult, Value,
@@ -15,6 +17,9 @@ use redis::{
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::keys::Channel;
+
+/// Most SCAN pages (of 1000 keys examined) one listing reads from each server.
+const SCAN_PAGES: usize = 1000;
 
 /// A request's longest wait for Redis before it is answered `unavailable`.
 pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -40,10 +45,15 @@ impl Link {
         pushes: Option<UnboundedSender<PushInfo>>,
     ) -> RedisResult<Link> {
         if target.cluster {
+            // A command is never sent twice: a publish that timed out may have run, and running
+            // it again would publish the message again under a new seq. (The slot map is still
+            // refreshed after a redirection; the request that met it answers `unavailable`.)
+            // Subscriptions are idempotent: those may be retried.
+            let retries = if pushes.is_some() { 2 } else { 0 };
             let mut builder = ClusterClientBuilder::new(target.urls.clone())
                 .connection_timeout(CONNECT_TIMEOUT)
                 .response_timeout(RESPONSE_TIMEOUT)
-                .retries(2)
+                .retries(retries)
                 .min_retry_wait(50)
                 .max_retry_wait(500);
             if let Some(pushes) = pushes {
@@ -118,39 +128,62 @@ impl Link {
         }
     }
 
-    /// Every key matching `glob`, on every primary (with SCAN on one server, KEYS on each
-    /// primary of a cluster: an operator's request, not a hot path).
-    pub(crate) async fn keys(&self, glob: &str) -> RedisResult<Vec<String>> {
+    /// Keys matching `glob`, at most `limit` and from at most [`SCAN_PAGES`] pages of SCAN on
+    /// each primary: listing topics walks the keyspace, which must stay cheap for Redis even
+    /// when it holds much else.
+    pub(crate) async fn keys(&self, glob: &str, limit: usize) -> RedisResult<Vec<String>> {
         match self {
-            Link::Single(_) => {
-                let mut keys = Vec::new();
-                let mut cursor: u64 = 0;
-                loop {
-                    let mut scan = redis::cmd("SCAN");
-                    scan.arg(cursor)
-                        .arg("MATCH")
-                        .arg(glob)
-                        .arg("COUNT")
-                        .arg(1000);
-                    let (next, batch): (u64, Vec<String>) = self.query(&scan).await?;
-                    keys.extend(batch);
-                    if next == 0 {
-                        return Ok(keys);
-                    }
-                    cursor = next;
-                }
-            }
+            Link::Single(_) => self.scan(glob, limit, None).await,
             Link::Cluster(cluster) => {
-                let mut find = redis::cmd("KEYS");
-                find.arg(glob);
-                let routing = RoutingInfo::MultiNode((
-                    MultipleNodeRoutingInfo::AllMasters,
-                    Some(ResponsePolicy::CombineArrays),
-                ));
-                let value = cluster.clone().route_command(find, routing).await?;
-                Ok(redis::from_redis_value(value)?)
+                let mut nodes = redis::cmd("CLUSTER");
+                nodes.arg("NODES");
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+                let nodes: String =
+                    redis::from_redis_value(cluster.clone().route_command(nodes, routing).await?)?;
+                let mut keys = Vec::new();
+                for (host, port) in primaries(&nodes) {
+                    let left = limit.saturating_sub(keys.len());
+                    keys.extend(self.scan(glob, left, Some((host, port))).await?);
+                }
+                Ok(keys)
             }
         }
+    }
+
+    /// SCANs one server (`at`, for a cluster's node).
+    async fn scan(
+        &self,
+        glob: &str,
+        limit: usize,
+        at: Option<(String, u16)>,
+    ) -> RedisResult<Vec<String>> {
+        let mut keys = Vec::new();
+        let mut cursor: u64 = 0;
+        for _ in 0..SCAN_PAGES {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(glob)
+                .arg("COUNT")
+                .arg(1000);
+            let (next, batch): (u64, Vec<String>) = match (self, &at) {
+                (Link::Cluster(cluster), Some((host, port))) => {
+                    let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                        host: host.clone(),
+                        port: *port,
+                    });
+                    redis::from_redis_value(cluster.clone().route_command(scan, routing).await?)?
+                }
+                _ => self.query(&scan).await?,
+            };
+            keys.extend(batch);
+            if next == 0 || keys.len() >= limit {
+                break;
+            }
+            cursor = next;
+        }
+        keys.truncate(limit);
+        Ok(keys)
     }
 
     pub(crate) async fn subscribe(&self, channel: &Channel) -> RedisResult<()> {
@@ -174,6 +207,26 @@ impl Link {
             (Link::Single(_), Channel::Shard(_)) => Err(no_shards()),
         }
     }
+}
+
+/// The primaries' addresses in a `CLUSTER NODES` answer (`<id> <host:port@bus> <flags> ...`).
+fn primaries(nodes: &str) -> Vec<(String, u16)> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let address = fields.nth(1)?;
+            let flags = fields.next()?;
+            let unusable = ["fail", "noaddr", "handshake"];
+            if !flags.split(',').any(|f| f == "master")
+                || unusable.iter().any(|u| flags.contains(u))
+            {
+                return None;
+            }
+            let (host, port) = address.split('@').next()?.rsplit_once(':')?;
+            Some((host.to_owned(), port.parse().ok()?))
+        })
+        .collect()
 }
 
 fn no_shards() -> RedisError {
@@ -211,6 +264,12 @@ impl ConnectionLike for Link {
     }
 }
 
+/// Whether an error says the connection (not the request) failed: the subscriptions on it may
+/// be gone.
+pub(crate) fn is_connection_failure(error: &RedisError) -> bool {
+    matches!(error_kind(error), "connection" | "timeout")
+}
+
 /// What kind of failure an error is, as metrics label it.
 pub(crate) fn error_kind(error: &RedisError) -> &'static str {
     if error.is_timeout() {
@@ -226,4 +285,27 @@ pub(crate) fn error_kind(error: &RedisError) -> &'static str {
 /// Whether Redis has forgotten a script (restarted, or flushed its script cache).
 pub(crate) fn is_noscript(error: &RedisError) -> bool {
     error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn primaries_are_read_from_cluster_nodes() {
+        let nodes = "\
+a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7001@17001 master - 0 1 2 connected 5461-10922
+c3 127.0.0.1:7002@17002 slave b2 0 1 2 connected
+d4 127.0.0.1:7003@17003 master,fail - 0 1 3 disconnected
+e5 :0@0 master,noaddr - 0 0 0 disconnected
+";
+        assert_eq!(
+            primaries(nodes),
+            [
+                ("127.0.0.1".to_owned(), 7000),
+                ("127.0.0.1".to_owned(), 7001)
+            ]
+        );
+    }
 }

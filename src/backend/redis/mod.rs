@@ -8,8 +8,10 @@
 //! everything queued while one round trip is under way goes in the next.
 //!
 //! All Redis I/O runs on a runtime of its own (one thread, `crier-redis`): the actix workers
-//! only queue requests and await their answers, and the reader never competes with them.
-//! Redis unreachable: requests are answered [`Unavailable`] within a couple of seconds,
+//! only queue requests and await their answers. That thread also carries the reader's fan-out
+//! to this node's subscribers, so a node's deliveries from Redis use one core.
+//! Redis unreachable: a request waits at most a round trip's timeout (plus the one it queued
+//! behind) and is answered [`Unavailable`]; one that waited that long is never sent afterwards.
 //! `/readyz` says so, and a watcher notices when Redis is back, subscribes again and has the
 //! reader fetch what was published meanwhile.
 
@@ -44,8 +46,11 @@ use super::{
 use crate::config::Config;
 use crate::data::Data;
 use crate::metrics::Metrics;
-use crate::topic::{self, Subject};
+use crate::topic::Subject;
 
+/// The shortest a topic's seq and epoch live in Redis after its last publish, whatever
+/// `--topic-ttl` says: renewals for subscribed topics come every third of it.
+const MIN_TOPIC_TTL: Duration = Duration::from_secs(10);
 /// How often the watcher checks that Redis answers.
 const WATCH_EVERY: Duration = Duration::from_millis(500);
 /// The longest pause between checks while Redis does not answer.
@@ -58,7 +63,8 @@ pub(crate) struct RedisBackend {
     interest: Arc<Interest>,
     health: Arc<Health>,
     delivered: Arc<Mutex<Delivered>>,
-    publishes: mpsc::UnboundedSender<PublishRequest>,
+    sink: Arc<dyn DeliverySink>,
+    publishes: mpsc::Sender<PublishRequest>,
     runtime: RedisRuntime,
     /// When the TTLs of the topics this node subscribes to were last renewed.
     last_refresh: Mutex<Instant>,
@@ -145,7 +151,8 @@ impl RedisBackend {
             cluster: config.redis_cluster,
             history_size,
             history_ttl_ms: store::millis(config.history_ttl),
-            meta_ttl: config.topic_ttl.max(config.history_ttl),
+            // Never so short that a subscribed topic's epoch could lapse between renewals.
+            meta_ttl: config.topic_ttl.max(config.history_ttl).max(MIN_TOPIC_TTL),
         };
         let store = Arc::new(Store::new(
             keys.clone(),
@@ -163,9 +170,9 @@ impl RedisBackend {
             interest: interest.clone(),
             health: health.clone(),
             delivered: delivered.clone(),
-            sink,
+            sink: sink.clone(),
         };
-        let (publishes, requests) = mpsc::unbounded_channel();
+        let (publishes, requests) = mpsc::channel(store::MAX_WAITING_PUBLISHES);
         handle.spawn(publish_loop(store.clone(), requests));
         handle.spawn(interest::run(
             interest.clone(),
@@ -191,6 +198,7 @@ impl RedisBackend {
             interest,
             health,
             delivered,
+            sink,
             publishes,
             runtime,
             last_refresh: Mutex::new(Instant::now()),
@@ -227,9 +235,17 @@ impl Backend for RedisBackend {
             topic: topic.into(),
             data: tagged(&data),
             reply,
+            queued_at: Instant::now(),
         };
-        if self.publishes.send(request).is_err() {
-            return Answer::Now(Err(stopped()));
+        match self.publishes.try_send(request) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                return Answer::Now(Err(Unavailable(format!(
+                    "{} publishes are already waiting for Redis",
+                    store::MAX_WAITING_PUBLISHES
+                ))));
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Answer::Now(Err(stopped())),
         }
         Answer::Later(Box::pin(async move {
             let position = answer.await.unwrap_or_else(|_| Err(stopped()))?;
@@ -247,28 +263,23 @@ impl Backend for RedisBackend {
     ) -> Answer<Result<Option<HistoryPage>, Unavailable>> {
         let store = self.store.clone();
         let topic: Arc<str> = topic.into();
-        // A topic this node subscribes to exists from then on, with an epoch of its own.
-        let create = self.interest.wants_topic(&topic);
-        self.on_runtime(async move { store.read_history(&topic, query, create).await })
+        // A topic this node subscribes to exists from then on, with an epoch of its own, and
+        // its live stream continues from what this read finds.
+        let subscribing = self.interest.wants_topic(&topic);
+        let delivered = self.delivered.clone();
+        self.on_runtime(async move {
+            let page = store.read_history(&topic, query, subscribing).await?;
+            if subscribing && let Some(page) = &page {
+                delivered.lock().floor(&topic, page.position.clone());
+            }
+            Ok(page)
+        })
     }
 
     fn interest(&self, subject: &Subject, on: bool) {
         self.interest.declare(subject, on);
-        if on {
-            return;
-        }
-        // What was last delivered of topics no one here wants any more is forgotten: when they
-        // are wanted again, the stream starts where Redis is then.
-        let mut delivered = self.delivered.lock();
-        match subject {
-            Subject::Topic(t) => {
-                if !self.interest.reaches(t) {
-                    delivered.forget(t);
-                }
-            }
-            Subject::Pattern(p) => {
-                delivered.forget_where(|t| topic::matches(p, t) && !self.interest.reaches(t))
-            }
+        if !on {
+            self.delivered.lock().forget_unwanted(subject, &*self.sink);
         }
     }
 

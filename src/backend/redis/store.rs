@@ -2,14 +2,15 @@
 //! and keeping subscribed topics' epochs alive. Every call is one of the scripts in `scripts`
 //! or a plain command, timed and counted in `metrics`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::{Pipeline, RedisResult, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use super::keys::Keys;
-use super::link::{Link, is_noscript};
+use super::link::{Link, RESPONSE_TIMEOUT, is_noscript};
 use super::metrics::{Op, RedisMetrics};
 use super::scripts;
 use crate::backend::memory::new_epoch;
@@ -19,6 +20,8 @@ use crate::topic;
 
 /// Most publishes sent in one pipeline.
 const PUBLISH_BATCH: usize = 512;
+/// Most publishes waiting to be sent; more are refused at once (`unavailable`).
+pub(crate) const MAX_WAITING_PUBLISHES: usize = 65_536;
 
 pub(crate) struct Store {
     pub keys: Keys,
@@ -42,6 +45,7 @@ pub(crate) struct PublishRequest {
     /// The data, tagged with its encoding.
     pub data: Vec<u8>,
     pub reply: oneshot::Sender<Result<StreamPosition, Unavailable>>,
+    pub queued_at: Instant,
 }
 
 pub(crate) fn millis(d: Duration) -> u64 {
@@ -69,12 +73,22 @@ impl Store {
     async fn scripted(&self, pipeline: &Pipeline) -> RedisResult<Vec<Value>> {
         match self.commands.pipeline(pipeline).await {
             Err(e) if is_noscript(&e) => {
-                self.commands.load(scripts::PUBLISH).await?;
-                self.commands.load(scripts::HISTORY).await?;
+                self.load_scripts().await?;
                 self.commands.pipeline(pipeline).await
             }
             other => other,
         }
+    }
+
+    async fn load_scripts(&self) -> RedisResult<()> {
+        self.commands.load(scripts::PUBLISH).await?;
+        self.commands.load(scripts::HISTORY).await
+    }
+
+    /// How many topics one pipeline may carry: one in a cluster, where a pipeline stays within
+    /// one slot.
+    fn topics_per_pipeline(&self) -> usize {
+        if self.settings.cluster { 1 } else { 256 }
     }
 
     fn publish_call(&self, request: &PublishRequest) -> redis::Cmd {
@@ -96,37 +110,84 @@ impl Store {
         call
     }
 
-    /// Publishes a run of requests in one pipeline, and answers each.
+    /// Publishes a run of requests in one pipeline, and answers each. A request that waited
+    /// longer than a round trip may take (Redis did not answer) is refused without being sent,
+    /// so that it cannot be applied after its client was told `unavailable`.
     pub(crate) async fn publish_all(&self, requests: Vec<PublishRequest>) {
+        self.send_publishes(requests, true).await;
+    }
+
+    async fn send_publishes(&self, requests: Vec<PublishRequest>, reload: bool) {
+        let (requests, stale): (Vec<_>, Vec<_>) = requests
+            .into_iter()
+            .partition(|r| r.queued_at.elapsed() < RESPONSE_TIMEOUT);
+        for request in stale {
+            let why = "Redis did not answer in time; the message was not sent";
+            let _ = request.reply.send(Err(Unavailable(why.into())));
+        }
+        if requests.is_empty() {
+            return;
+        }
         let mut pipeline = redis::pipe();
+        // Each script's own failure answers its own request, not the whole pipeline's.
+        pipeline.ignore_errors();
         for request in &requests {
             pipeline.add_command(self.publish_call(request));
         }
         self.metrics.operations(Op::Publish, requests.len());
-        match self
+        let answers = match self
             .metrics
-            .timed(Op::Publish, self.scripted(&pipeline))
+            .timed(Op::Publish, self.commands.pipeline(&pipeline))
             .await
         {
-            Ok(answers) if answers.len() == requests.len() => {
-                for (request, answer) in requests.into_iter().zip(answers) {
-                    let position = scripts::published(&answer)
-                        .ok_or_else(|| Unavailable(format!("unexpected answer {answer:?}")));
-                    let _ = request.reply.send(position);
-                }
-            }
+            Ok(answers) if answers.len() == requests.len() => answers,
             Ok(answers) => {
                 let why = format!("{} answers to {} publishes", answers.len(), requests.len());
                 for request in requests {
                     let _ = request.reply.send(Err(Unavailable(why.clone())));
                 }
+                return;
             }
             Err(unavailable) => {
                 for request in requests {
                     let _ = request.reply.send(Err(unavailable.clone()));
                 }
+                return;
+            }
+        };
+        let mut forgotten = Vec::new();
+        for (request, answer) in requests.into_iter().zip(answers) {
+            match answer {
+                // Not run: Redis lost its scripts (it restarted). Sent again below.
+                Value::ServerError(e) if e.code() == "NOSCRIPT" => forgotten.push(request),
+                Value::ServerError(e) => {
+                    self.metrics.error(Op::Publish, "server");
+                    tracing::warn!(topic = %request.topic, error = %e.details().unwrap_or(e.code()), "Redis refused a publish");
+                    let why = format!("Redis refused the publish: {}", e.code());
+                    let _ = request.reply.send(Err(Unavailable(why)));
+                }
+                answer => {
+                    let position = scripts::published(&answer)
+                        .ok_or_else(|| Unavailable(format!("unexpected answer {answer:?}")));
+                    let _ = request.reply.send(position);
+                }
             }
         }
+        if forgotten.is_empty() {
+            return;
+        }
+        let loaded = if reload {
+            self.metrics.timed(Op::Publish, self.load_scripts()).await
+        } else {
+            Err(Unavailable("Redis keeps forgetting Crier's scripts".into()))
+        };
+        if let Err(unavailable) = loaded {
+            for request in forgotten {
+                let _ = request.reply.send(Err(unavailable.clone()));
+            }
+            return;
+        }
+        Box::pin(self.send_publishes(forgotten, false)).await;
     }
 
     pub(crate) async fn read_history(
@@ -177,9 +238,11 @@ impl Store {
         };
         self.metrics.operation(Op::Streams);
         let glob = self.keys.meta_glob(pattern);
+        // A pattern's rewind (a client's request) lists fewer than an operator's listing.
+        let limit = if pattern.is_some() { 10_000 } else { 100_000 };
         let names = self
             .metrics
-            .timed(Op::Streams, self.commands.keys(&glob))
+            .timed(Op::Streams, self.commands.keys(&glob, limit))
             .await?;
         let topics: Vec<Arc<str>> = names
             .iter()
@@ -188,8 +251,7 @@ impl Store {
             .map(Arc::from)
             .collect();
         let mut streams = Vec::with_capacity(topics.len());
-        // A cluster's pipelines stay within one slot: one topic each.
-        let per_pipeline = if self.settings.cluster { 1 } else { 256 };
+        let per_pipeline = self.topics_per_pipeline();
         for chunk in topics.chunks(per_pipeline * 16) {
             let infos = chunk
                 .chunks(per_pipeline)
@@ -244,8 +306,7 @@ impl Store {
     /// Renews the TTL of topics' seq and epoch.
     pub(crate) async fn refresh(&self, topics: &[Arc<str>]) {
         let ttl = millis(self.settings.meta_ttl);
-        let per_pipeline = if self.settings.cluster { 1 } else { 256 };
-        for chunk in topics.chunks(per_pipeline) {
+        for chunk in topics.chunks(self.topics_per_pipeline()) {
             let mut pipeline = redis::pipe();
             for t in chunk {
                 pipeline
@@ -265,10 +326,7 @@ impl Store {
 
 /// Sends publishes in the order they were made, a pipeline at a time. In a cluster each topic
 /// (one slot) gets its own pipeline, sent side by side: a topic's order is kept either way.
-pub(crate) async fn publish_loop(
-    store: Arc<Store>,
-    mut requests: mpsc::UnboundedReceiver<PublishRequest>,
-) {
+pub(crate) async fn publish_loop(store: Arc<Store>, mut requests: mpsc::Receiver<PublishRequest>) {
     let mut batch = Vec::with_capacity(PUBLISH_BATCH);
     while requests.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
         let run = std::mem::take(&mut batch);
@@ -277,11 +335,13 @@ pub(crate) async fn publish_loop(
             continue;
         }
         let mut by_topic: Vec<Vec<PublishRequest>> = Vec::new();
+        let mut group_of: HashMap<Arc<str>, usize> = HashMap::new();
         for request in run {
-            match by_topic.iter_mut().find(|g| g[0].topic == request.topic) {
-                Some(group) => group.push(request),
-                None => by_topic.push(vec![request]),
-            }
+            let group = *group_of.entry(request.topic.clone()).or_insert_with(|| {
+                by_topic.push(Vec::new());
+                by_topic.len() - 1
+            });
+            by_topic[group].push(request);
         }
         futures_util::future::join_all(by_topic.into_iter().map(|g| store.publish_all(g))).await;
     }
