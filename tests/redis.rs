@@ -6,10 +6,14 @@ mod common;
 #[path = "redis/mod.rs"]
 mod redis_support;
 
-use common::Enc;
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::{Enc, eventually, eventually_within};
 use futures_util::SinkExt;
 use redis_support::*;
-use serde_json::json;
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Three nodes, a JSON and a MessagePack subscriber on each, publishers over WebSocket and
@@ -182,4 +186,281 @@ async fn a_node_that_dies_loses_nothing_it_acknowledged() {
         replayed.push(frame["seq"].as_u64().unwrap_or_default());
     }
     assert_eq!(replayed, (1..=N).collect::<Vec<_>>());
+}
+
+/// A topic subscribed to but not yet published on has nothing delivered on this node; when the
+/// node's pub/sub connection is lost, what is published meanwhile must still be fetched from
+/// history once the subscription is back: the subscriber gets 1, 2 (missed) and 3 (live), in
+/// order, and nothing else. Three rounds, each on a fresh topic, for timing to vary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_with_nothing_delivered_yet_catches_up_after_the_pubsub_connection_is_lost() {
+    let redis = OwnRedis::start();
+    let target = Target::own(&redis);
+    let node = target.node(|_| {});
+    for round in 0..3 {
+        let topic = format!("lost.t{round}");
+        let label = format!("round {round} ({topic})");
+        let (mut client, _) = connect_welcomed(&node, Enc::Json).await;
+        let ack = client.subscribe(&topic).await;
+        let epoch = ack["epoch"].as_str().unwrap_or_default().to_owned();
+        assert_eq!(
+            ack,
+            json!({"op": "ack", "id": "s", "epoch": epoch, "seq": 0}),
+            "{label}"
+        );
+        assert_eq!(target.redis_listeners(&topic), 1, "{label}");
+
+        // Only the node's pub/sub connection is a pub/sub client of this Redis.
+        let killed = redis_cli(redis.port, &["client", "kill", "type", "pubsub"]);
+        assert_eq!(killed.trim(), "1", "{label}: CLIENT KILL TYPE pubsub");
+        // Published over the node's other connection while the subscription is gone.
+        for k in 1..=2u64 {
+            assert_eq!(
+                node.publish(&topic, &json!(k)).await,
+                json!({"topic": topic, "seq": k, "receivers": 1}),
+                "{label}"
+            );
+        }
+
+        eventually_within(
+            &format!("{label}: the node to be ready and subscribed again"),
+            Duration::from_secs(15),
+            || async {
+                (is_ready(&node).await && target.redis_listeners(&topic) == 1).then_some(())
+            },
+        )
+        .await;
+        assert_eq!(
+            node.publish(&topic, &json!(3)).await,
+            json!({"topic": topic, "seq": 3, "receivers": 1}),
+            "{label}"
+        );
+
+        let frames = frames_through(&mut client, &topic, 3).await;
+        let expected: Vec<Value> = (1..=3u64)
+            .map(|k| json!({"op": "message", "topic": topic, "seq": k, "data": k}))
+            .collect();
+        assert_eq!(frames, expected, "{label}: what the subscriber received");
+        let _ = client.ws.close(None).await;
+    }
+}
+
+/// A pattern's Redis glob is broader than the pattern (`{a.*}` matches `a.b.c`, which `a.*`
+/// does not): what the node saw of such a topic, owed to no one, must not be remembered, or a
+/// later subscriber whose pattern does match it is sent the "missed" history first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pattern_subscriber_gets_no_stale_history_of_topics_its_glob_brought() {
+    let redis = OwnRedis::start();
+    let target = Target::own(&redis);
+    let node = target.node(|_| {});
+    let topic = "a.b.c";
+    let (mut a, _) = connect_welcomed(&node, Enc::Json).await;
+    assert_eq!(a.subscribe("a.*").await, json!({"op": "ack", "id": "s"}));
+    assert_eq!(target.redis_patterns(), 1);
+    for k in 1..=5u64 {
+        assert_eq!(
+            node.publish(topic, &json!(k)).await,
+            json!({"topic": topic, "seq": k, "receivers": 0}),
+            "{topic} is not matched by a.*"
+        );
+    }
+    // One pub/sub connection carries both in order: once A has this, the node has read the five.
+    assert_eq!(
+        node.publish("a.x", &json!("after")).await,
+        json!({"topic": "a.x", "seq": 1, "receivers": 1})
+    );
+    assert_eq!(
+        recv_frame(&mut a).await,
+        json!({"op": "message", "topic": "a.x", "seq": 1, "data": "after"}),
+        "A's first frame after its ack"
+    );
+    a.send(json!({"op": "unsubscribe", "topic": "a.*", "id": "u"}))
+        .await;
+    assert_eq!(recv_frame(&mut a).await, json!({"op": "ack", "id": "u"}));
+    eventually_equals("PUBSUB NUMPAT after A left", 0, || async {
+        target.redis_patterns()
+    })
+    .await;
+
+    for k in 6..=20u64 {
+        assert_eq!(
+            node.publish(topic, &json!(k)).await,
+            json!({"topic": topic, "seq": k, "receivers": 0})
+        );
+    }
+    let (mut b, _) = connect_welcomed(&node, Enc::Json).await;
+    assert_eq!(b.subscribe("a.>").await, json!({"op": "ack", "id": "s"}));
+    assert_eq!(target.redis_patterns(), 1);
+    assert_eq!(
+        node.publish(topic, &json!(21)).await,
+        json!({"topic": topic, "seq": 21, "receivers": 1})
+    );
+    assert_eq!(
+        frames_through(&mut b, topic, 21).await,
+        [json!({"op": "message", "topic": topic, "seq": 21, "data": 21})],
+        "B subscribed (without rewind) before 21 only"
+    );
+    assert_eq!(
+        drain(&mut a).await,
+        Vec::<Value>::new(),
+        "A (unsubscribed) got nothing more, and never anything of {topic}"
+    );
+}
+
+/// A subscribe that fails (Redis does not answer) leaves no route, topic or Redis subscription
+/// behind, even when the connection already receives the topic through a pattern: once the
+/// client leaves, the node holds nothing and listens to nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_subscribe_leaves_nothing_behind() {
+    let redis = OwnRedis::start();
+    let target = Target::own(&redis);
+    let node = target.node(|_| {});
+    let (mut client, _) = connect_welcomed(&node, Enc::Json).await;
+    assert_eq!(
+        client.subscribe("a.*").await,
+        json!({"op": "ack", "id": "s"})
+    );
+
+    let paused = redis.pause();
+    let asked = Instant::now();
+    client
+        .send(json!({"op": "subscribe", "topic": "a.b", "id": 7}))
+        .await;
+    let answer = recv_frame(&mut client).await;
+    let waited = asked.elapsed();
+    let message = answer["message"].as_str().unwrap_or_default().to_owned();
+    assert!(!message.is_empty(), "{answer}");
+    assert_eq!(
+        answer,
+        json!({"op": "error", "id": 7, "code": "unavailable", "message": message}),
+        "the answer to a subscribe while Redis does not answer"
+    );
+    assert!(
+        waited < Duration::from_secs(5),
+        "the refusal took {waited:?}"
+    );
+    paused.resume();
+    eventually_within(
+        "the node to be ready again",
+        Duration::from_secs(15),
+        || async { is_ready(&node).await.then_some(()) },
+    )
+    .await;
+    // The client keeps its pattern and nothing else: no topic, no channel in Redis.
+    let channels = format!("{}:*", target.prefix);
+    eventually_equals(
+        "while the client stays: (crier_topics, crier_patterns, PUBSUB CHANNELS, PUBSUB NUMPAT)",
+        (0.0, 1.0, BTreeSet::new(), 1),
+        || async {
+            let scrape = node.scrape().await;
+            (
+                scrape.get("crier_topics"),
+                scrape.get("crier_patterns"),
+                pubsub_channels(redis.port, &channels),
+                target.redis_patterns(),
+            )
+        },
+    )
+    .await;
+    let _ = client.ws.close(None).await;
+    drop(client);
+    eventually_equals(
+        "(crier_topics, crier_patterns, /api/connections, PUBSUB CHANNELS, PUBSUB NUMPAT)",
+        (0.0, 0.0, json!({"connections": []}), BTreeSet::new(), 0),
+        || async {
+            let scrape = node.scrape().await;
+            (
+                scrape.get("crier_topics"),
+                scrape.get("crier_patterns"),
+                node.get("/api/connections").await,
+                pubsub_channels(redis.port, &channels),
+                target.redis_patterns(),
+            )
+        },
+    )
+    .await;
+}
+
+/// A client that goes away while its `?subscribe=` subscriptions wait on Redis (paused) is
+/// forgotten: once Redis answers again the node lists no connection and holds no topic, and
+/// serves new clients as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_during_its_initial_subscriptions_is_forgotten() {
+    let redis = OwnRedis::start();
+    let target = Target::own(&redis);
+    let node = target.node(|_| {});
+    assert!(is_ready(&node).await);
+
+    const PAUSE: Duration = Duration::from_millis(3000);
+    redis_cli(
+        redis.port,
+        &["client", "pause", &PAUSE.as_millis().to_string(), "all"],
+    );
+    let paused_at = Instant::now();
+    let mut socket = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let request = format!(
+        "GET /ws?subscribe=up1,up2 HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: crier.json\r\n\r\n",
+        node.addr
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The node took the connection in; its subscriptions wait on Redis, so no answer yet.
+    let listed = node.get("/api/connections").await;
+    assert_eq!(
+        listed["connections"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+    let mut nothing = [0u8; 1];
+    assert!(
+        matches!(socket.try_read(&mut nothing), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the upgrade was answered before its subscriptions were made"
+    );
+    // Gone abruptly: a reset, not a close handshake.
+    socket.set_zero_linger().unwrap();
+    drop(socket);
+
+    tokio::time::sleep(PAUSE.saturating_sub(paused_at.elapsed())).await;
+    eventually("Redis to answer after its pause", || async {
+        ping(redis.port).then_some(())
+    })
+    .await;
+    eventually_equals(
+        "(/api/connections, crier_topics) after the pause",
+        (json!({"connections": []}), 0.0),
+        || async {
+            (
+                node.get("/api/connections").await,
+                node.scrape().await.get("crier_topics"),
+            )
+        },
+    )
+    .await;
+
+    eventually_within(
+        "the node to be ready again",
+        Duration::from_secs(15),
+        || async { is_ready(&node).await.then_some(()) },
+    )
+    .await;
+    let channels = format!("{}:*", target.prefix);
+    eventually_equals(
+        "PUBSUB CHANNELS after the pause",
+        BTreeSet::new(),
+        || async { pubsub_channels(redis.port, &channels) },
+    )
+    .await;
+    let (mut client, _) = connect_welcomed(&node, Enc::Json).await;
+    let ack = client.subscribe("up1").await;
+    assert_eq!(ack["seq"], 0, "{ack}");
+    assert_eq!(
+        node.publish("up1", &json!("hello")).await,
+        json!({"topic": "up1", "seq": 1, "receivers": 1})
+    );
+    assert_eq!(
+        frames_through(&mut client, "up1", 1).await,
+        [json!({"op": "message", "topic": "up1", "seq": 1, "data": "hello"})]
+    );
 }

@@ -86,6 +86,15 @@ pub fn redis_cli(port: u16, args: &[&str]) -> String {
     stdout
 }
 
+/// The channels with subscribers on this Redis matching a glob (`PUBSUB CHANNELS`).
+pub fn pubsub_channels(port: u16, pattern: &str) -> BTreeSet<String> {
+    redis_cli(port, &["pubsub", "channels", pattern])
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// `redis-cli` answering one integer.
 pub fn redis_int(port: u16, args: &[&str]) -> i64 {
     let out = redis_cli(port, args);
@@ -240,6 +249,65 @@ impl OwnRedis {
             );
         }
         self.child = Some(child);
+    }
+
+    /// The running `redis-server`'s process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the Redis is running").id()
+    }
+
+    /// SIGSTOP: the server keeps its connections open but answers nothing (not even PING)
+    /// until the returned guard resumes it (SIGCONT), when its `resume` is called or it is
+    /// dropped (a failing test never leaves it stopped).
+    pub fn pause(&self) -> Paused {
+        let pid = self.pid();
+        if let Err(e) = signal(pid, libc::SIGSTOP) {
+            panic!("SIGSTOP to redis-server {pid}: {e}");
+        }
+        Paused {
+            pid,
+            port: self.port,
+        }
+    }
+}
+
+/// A `redis-server` stopped by [`OwnRedis::pause`]; resumed when dropped.
+#[must_use = "the Redis resumes when this is dropped"]
+pub struct Paused {
+    pid: u32,
+    port: u16,
+}
+
+impl Paused {
+    /// SIGCONT, and waits until it answers PING again.
+    pub fn resume(self) {
+        let port = self.port;
+        drop(self);
+        assert!(
+            ping(port),
+            "the resumed Redis on port {port} does not answer PING"
+        );
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        // Not checked: a Redis killed meanwhile has nothing to resume.
+        let _ = signal(self.pid, libc::SIGCONT);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ping(self.port) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn signal(pid: u32, signal: libc::c_int) -> std::io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).expect("a pid");
+    // SAFETY: kill(2) sends a signal to the test's own child process; no memory is involved.
+    if unsafe { libc::kill(pid, signal) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -660,6 +728,51 @@ pub async fn drain(client: &mut Client) -> Vec<Value> {
             return frames;
         }
         frames.push(frame);
+    }
+}
+
+/// Every frame a client gets until a message of `topic` with `seq` (or until nothing more comes
+/// for [`PATIENCE`]), then whatever else was queued for it: all it received, to compare whole.
+pub async fn frames_through(client: &mut Client, topic: &str, seq: u64) -> Vec<Value> {
+    let mut frames = Vec::new();
+    while let Some(frame) = next_frame(client, PATIENCE).await {
+        let last = frame["op"] == "message" && frame["topic"] == topic && frame["seq"] == seq;
+        frames.push(frame);
+        if last {
+            break;
+        }
+    }
+    frames.extend(drain(client).await);
+    frames
+}
+
+/// Polls `observe` until it sees `expected`; fails the test after [`PATIENCE`], saying what it
+/// saw last.
+pub async fn eventually_equals<T, F, Fut>(what: &str, expected: T, mut observe: F)
+where
+    T: PartialEq + std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let seen = observe().await;
+        if seen == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: still {seen:?} after {PATIENCE:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether the node's `/readyz` answers 200.
+pub async fn is_ready(node: &TestServer) -> bool {
+    match node.http.get(node.url("/readyz")).send().await {
+        Ok(response) => response.status() == 200,
+        Err(_) => false,
     }
 }
 
