@@ -16,7 +16,8 @@
 # Environment: DURATION (seconds per run, default 5), REPEAT (runs per configuration, default 1),
 # NODES (node counts over Redis, default "1 2 3"; "1" also runs the memory backend), SUBSCRIBERS
 # (totals, default "100 1000"), PAYLOAD (bytes, default 64), PUBLISHERS (default 3: the same for
-# every node count, and one per node at three). Each cluster gets a fresh key prefix
+# every node count, and one per node at three), RATE (publishes a second in all, for latency below
+# saturation; unset: as fast as subscribers keep up). Each cluster gets a fresh key prefix
 # (bench-$RANDOM), deleted afterwards. The Redis is shared: anything else using it meanwhile is
 # counted in its figures, and, as for every benchmark on this 2-core machine, nothing else should
 # run meanwhile (nodes, Redis and the load generator already share both cores).
@@ -29,6 +30,8 @@ NODES=${NODES:-1 2 3}
 SUBSCRIBERS=${SUBSCRIBERS:-100 1000}
 PAYLOAD=${PAYLOAD:-64}
 PUBLISHERS=${PUBLISHERS:-3}
+# Publishes a second in all (split among the publishers); unset: as fast as subscribers keep up.
+RATE=${RATE:-}
 REDIS_PORT=6379
 REDIS_URL=redis://127.0.0.1:$REDIS_PORT/0
 
@@ -99,11 +102,12 @@ start_nodes() {
 # run BACKEND SUBSCRIBERS: one fanout over the running nodes, measured; appends its JSON line.
 run() {
     local backend=$1 subscribers=$2
-    local node_pids
+    local node_pids rate=()
     node_pids=$(IFS=,; echo "${pids[*]}")
+    [ -z "$RATE" ] || rate=(--rate "$RATE")
     python3 - "$backend" "$node_pids" "$redis_pid" "$REDIS_PORT" \
         "$bench" --url "$urls" fanout --subscribers "$subscribers" --payload "$PAYLOAD" \
-        --publishers "$PUBLISHERS" --duration "$DURATION" <<'PY' | tee -a "$results" >&2
+        --publishers "$PUBLISHERS" --duration "$DURATION" "${rate[@]}" <<'PY' | tee -a "$results" >&2
 import json, os, subprocess, sys
 
 backend, node_pids, redis_pid, redis_port = sys.argv[1:5]
