@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::auth::{Identity, InvalidToken};
 use crate::broker::{Accepted, Broker, Publisher, Refusal};
-use crate::data::{Data, msgpack_envelope_len};
+use crate::data::{Data, msgpack_array_items, msgpack_envelope_len, msgpack_map_value};
 use crate::metrics::Refused;
 use crate::model::ErrorCode;
 
@@ -308,11 +308,21 @@ pub(crate) fn decode_batch(
                 Ok(len) => return Err(shape(&format!("{} bytes after it", body.len() - len))),
                 Err(e) => return Err(shape(&format!("not valid MessagePack: {}", e.0))),
             }
-            Ok(rmp_serde::from_slice::<Vec<BatchItem<rmpv::Value>>>(body)
-                .map_err(|e| shape(&e))?
+            // The topics are decoded; each item's data is kept as the bytes it came as.
+            let items = rmp_serde::from_slice::<Vec<BatchItem<serde::de::IgnoredAny>>>(body)
+                .map_err(|e| shape(&e))?;
+            let datas = msgpack_array_items(body)
+                .ok_or_else(|| shape(&"not an array"))?
                 .into_iter()
-                .map(|item| (item.topic, Data::from_msgpack_value(&item.data)))
-                .collect())
+                .map(|item| msgpack_map_value(item, b"data"));
+            items
+                .into_iter()
+                .zip(datas)
+                .map(|(item, data)| {
+                    let data = data.ok_or_else(|| shape(&"an item has no data"))?;
+                    Ok((item.topic, Data::Msgpack(web::Bytes::copy_from_slice(data))))
+                })
+                .collect()
         }
     }
 }

@@ -75,7 +75,8 @@ impl Data {
         Ok(Data::Msgpack(bytes))
     }
 
-    /// Data already parsed out of a MessagePack frame.
+    /// Data from a MessagePack value built in a test.
+    #[cfg(test)]
     pub(crate) fn from_msgpack_value(value: &rmpv::Value) -> Data {
         let mut out = Vec::new();
         // Writing into a Vec cannot fail.
@@ -230,6 +231,75 @@ pub(crate) fn msgpack_value_len(bytes: &[u8]) -> Result<usize, InvalidData> {
 /// batch's array and item maps), so that the data itself may still nest [`MAX_DEPTH`] deep.
 pub(crate) fn msgpack_envelope_len(bytes: &[u8], envelope: usize) -> Result<usize, InvalidData> {
     msgpack_len_within(bytes, MAX_DEPTH + envelope)
+}
+
+/// The bytes of the value under `key` in a MessagePack map that [`msgpack_envelope_len`] has
+/// validated (a later entry wins, as when deserializing); None if the key is absent.
+pub(crate) fn msgpack_map_value<'a>(map: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let (entries, mut at) = match *map.first()? {
+        b @ 0x80..=0x8f => (usize::from(b & 0x0f), 1),
+        0xde => (
+            usize::from(u16::from_be_bytes([*map.get(1)?, *map.get(2)?])),
+            3,
+        ),
+        0xdf => {
+            let n = u32::from_be_bytes(map.get(1..5)?.try_into().ok()?);
+            (usize::try_from(n).ok()?, 5)
+        }
+        _ => return None,
+    };
+    let mut found = None;
+    for _ in 0..entries {
+        let key_len = validated_len(map.get(at..)?)?;
+        let this_key = msgpack_str(map.get(at..at + key_len)?);
+        at += key_len;
+        let value_len = validated_len(map.get(at..)?)?;
+        if this_key == Some(key) {
+            found = map.get(at..at + value_len);
+        }
+        at += value_len;
+    }
+    found
+}
+
+/// The bytes of a MessagePack `str` (or `bin`, which serde also reads as a field name).
+fn msgpack_str(value: &[u8]) -> Option<&[u8]> {
+    let start = match *value.first()? {
+        0xa0..=0xbf => 1,
+        0xd9 | 0xc4 => 2,
+        0xda | 0xc5 => 3,
+        0xdb | 0xc6 => 5,
+        _ => return None,
+    };
+    value.get(start..)
+}
+
+/// The items of a MessagePack array that [`msgpack_envelope_len`] has validated, as bytes.
+pub(crate) fn msgpack_array_items(array: &[u8]) -> Option<Vec<&[u8]>> {
+    let (entries, mut at) = match *array.first()? {
+        b @ 0x90..=0x9f => (usize::from(b & 0x0f), 1),
+        0xdc => (
+            usize::from(u16::from_be_bytes([*array.get(1)?, *array.get(2)?])),
+            3,
+        ),
+        0xdd => {
+            let n = u32::from_be_bytes(array.get(1..5)?.try_into().ok()?);
+            (usize::try_from(n).ok()?, 5)
+        }
+        _ => return None,
+    };
+    let mut items = Vec::with_capacity(entries.min(array.len()));
+    for _ in 0..entries {
+        let len = validated_len(array.get(at..)?)?;
+        items.push(array.get(at..at + len)?);
+        at += len;
+    }
+    Some(items)
+}
+
+/// The length of the first value in bytes a walk has already validated (envelope included).
+fn validated_len(bytes: &[u8]) -> Option<usize> {
+    msgpack_len_within(bytes, MAX_DEPTH + 2).ok()
 }
 
 fn msgpack_len_within(bytes: &[u8], max_depth: usize) -> Result<usize, InvalidData> {
@@ -495,5 +565,48 @@ mod tests {
         assert_eq!(msgpack_value_len(&bytes).unwrap(), bytes.len());
         bytes.push(0xc0);
         assert_eq!(msgpack_value_len(&bytes).unwrap(), bytes.len() - 1);
+    }
+
+    #[test]
+    fn a_validated_frame_s_values_are_found_as_the_bytes_they_came_as() {
+        let encode = |v: &Value| {
+            let mut out = Vec::new();
+            rmpv::encode::write_value(&mut out, v).unwrap();
+            out
+        };
+        let data = Value::Array(vec![Value::from(1), Value::from("x")]);
+        let frame = Value::Map(vec![
+            (Value::from("op"), Value::from("publish")),
+            (Value::from("data"), Value::from(0)),
+            (Value::Binary(b"data".to_vec()), data.clone()),
+        ]);
+        let bytes = encode(&frame);
+        // A later key wins, as when deserializing; a bin key names a field too.
+        assert_eq!(msgpack_map_value(&bytes, b"data"), Some(&encode(&data)[..]));
+        assert_eq!(
+            msgpack_map_value(&bytes, b"op"),
+            Some(&encode(&Value::from("publish"))[..])
+        );
+        assert_eq!(msgpack_map_value(&bytes, b"topic"), None);
+        // map16 and array16 headers.
+        let wide: Vec<(Value, Value)> = (0..20)
+            .map(|i| (Value::from(format!("k{i}")), Value::from(i)))
+            .collect();
+        let wide = encode(&Value::Map(wide));
+        assert_eq!(wide[0], 0xde);
+        assert_eq!(msgpack_map_value(&wide, b"k19"), Some(&[19u8][..]));
+        let items = encode(&Value::Array((0..17).map(Value::from).collect()));
+        assert_eq!(items[0], 0xdc);
+        let found = msgpack_array_items(&items).unwrap();
+        assert_eq!(found.len(), 17);
+        assert_eq!(found[16], &[16u8][..]);
+        assert!(
+            msgpack_array_items(&bytes).is_none(),
+            "a map is not an array"
+        );
+        assert!(
+            msgpack_map_value(&items, b"data").is_none(),
+            "an array is not a map"
+        );
     }
 }

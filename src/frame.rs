@@ -13,7 +13,7 @@ use actix_http::ws::OpCode;
 use bytes::Bytes;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::data::{Data, msgpack_envelope_len};
+use crate::data::{Data, msgpack_envelope_len, msgpack_map_value};
 use crate::model::{DeliveryMode, Encoding, ErrorCode, Replay, SubscribeOptions};
 
 /// The WebSocket subprotocol that selects `encoding`.
@@ -336,8 +336,13 @@ pub(crate) fn parse_msgpack(bytes: &[u8]) -> Result<Request, FrameError> {
             format!("bad frame: not valid MessagePack: {e}"),
         ));
     }
-    match rmp_serde::from_slice::<RawFrame<rmpv::Value>>(bytes) {
-        Ok(raw) => validate(raw.map_data(|d| Data::from_msgpack_value(&d))),
+    // The envelope's fields are decoded; `data` is only skipped (no tree is built) and then
+    // kept as the bytes it came as, already validated by the walk above.
+    match rmp_serde::from_slice::<RawFrame<serde::de::IgnoredAny>>(bytes) {
+        Ok(raw) => validate(raw.map_data(|_| {
+            let data = msgpack_map_value(bytes, b"data").map_or(&[0xc0][..], |d| d);
+            Data::Msgpack(Bytes::copy_from_slice(data))
+        })),
         Err(e) => {
             let id = rmp_serde::from_slice::<IdOnly>(bytes)
                 .ok()
