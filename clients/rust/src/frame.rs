@@ -142,7 +142,9 @@ pub struct Limits {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub(crate) enum Control {
-    Welcome(Welcome),
+    /// Boxed: once per connection, and three times the size of the others, it would make every
+    /// parsed frame (a message, most of all) that much bigger to move.
+    Welcome(Box<Welcome>),
     Ack {
         id: u64,
         seq: Option<u64>,

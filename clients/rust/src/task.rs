@@ -148,7 +148,7 @@ impl Dial {
         match first {
             Some(Ok(message @ (WsMessage::Text(_) | WsMessage::Binary(_)))) => {
                 match frame::parse(message.into_data(), self.encoding)? {
-                    Incoming::Control(Control::Welcome(welcome)) => Ok((ws, welcome)),
+                    Incoming::Control(Control::Welcome(welcome)) => Ok((ws, *welcome)),
                     _ => Err(Error::Protocol("the first frame is not a welcome".into())),
                 }
             }
