@@ -299,10 +299,16 @@ pub(crate) fn msgpack_array_items(array: &[u8]) -> Option<Vec<&[u8]>> {
 
 /// The length of the first value in bytes a walk has already validated (envelope included).
 fn validated_len(bytes: &[u8]) -> Option<usize> {
-    msgpack_len_within(bytes, MAX_DEPTH + 2).ok()
+    msgpack_walk(bytes, MAX_DEPTH + 2, false).ok()
 }
 
 fn msgpack_len_within(bytes: &[u8], max_depth: usize) -> Result<usize, InvalidData> {
+    msgpack_walk(bytes, max_depth, true)
+}
+
+/// The walk behind the lengths above; `check_strings` off for bytes already validated, where
+/// only the length is wanted (the UTF-8 check is most of a short string's cost).
+fn msgpack_walk(bytes: &[u8], max_depth: usize, check_strings: bool) -> Result<usize, InvalidData> {
     let truncated = || InvalidData("it ends inside a value".into());
     let mut pos = 0usize;
     // The enclosing arrays and maps, innermost last.
@@ -358,7 +364,7 @@ fn msgpack_len_within(bytes: &[u8], max_depth: usize) -> Result<usize, InvalidDa
             .and_then(|skip| pos.checked_add(skip))
             .filter(|&end| end <= bytes.len())
             .ok_or_else(truncated)?;
-        if is_str && std::str::from_utf8(&bytes[pos..end]).is_err() {
+        if check_strings && is_str && std::str::from_utf8(&bytes[pos..end]).is_err() {
             return Err(InvalidData("a string is not UTF-8".into()));
         }
         pos = end;
