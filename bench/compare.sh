@@ -7,6 +7,11 @@
 # connections to measure memory, runs the slow-subscriber scenario, and writes the results into
 # BENCHMARKS.md and bench/fanout.svg.
 #
+# Every fan-out run goes through bench/cost.sh, which adds to its JSON line the broker's CPU time
+# per delivered message (`broker_cpu_us_per_delivery`: utime + stime from /proc/PID/stat of
+# crier or nats-server around the run) and the load generator's (`client_cpu_us_per_delivery`,
+# from the run's rusage), both in µs.
+#
 # Environment: DURATION (seconds per run, default 5), REPEAT (runs per configuration, default 3,
 # the median is reported), CONNECTIONS (idle connections, default 19900: the machine's 20000
 # file descriptors per process, less the broker's own).
@@ -58,10 +63,25 @@ url_of() {
     esac
 }
 
+broker_pid_of() {
+    case $1 in
+        crier) echo "$crier_pid" ;;
+        nats-ws) echo "$nats_pid" ;;
+    esac
+}
+
 run() {
     local target=$1
     shift
     "$bench" --target "$target" --url "$(url_of "$target")" "$@" | head -n 1 | tee -a "$results"
+}
+
+# A run with the broker's and the load generator's CPU per delivery added to its JSON line.
+run_with_cost() {
+    local target=$1
+    shift
+    bench/cost.sh --summary "$(broker_pid_of "$target")" \
+        --target "$target" --url "$(url_of "$target")" "$@" | tee -a "$results"
 }
 
 echo "== fan-out, as fast as subscribers keep up (${REPEAT} runs each, ${DURATION}s)"
@@ -69,7 +89,7 @@ for payload in 64 4096; do
     for subscribers in 1 100 1000; do
         for _ in $(seq "$REPEAT"); do
             for target in crier nats-ws; do
-                run "$target" fanout --subscribers "$subscribers" --payload "$payload" --duration "$DURATION"
+                run_with_cost "$target" fanout --subscribers "$subscribers" --payload "$payload" --duration "$DURATION"
             done
         done
     done
@@ -90,7 +110,7 @@ PY
         rate=$(python3 -c "print(max(1.0, $max / 2))")
         for _ in $(seq "$REPEAT"); do
             for target in crier nats-ws; do
-                run "$target" fanout --subscribers "$subscribers" --payload "$payload" --duration "$DURATION" --rate "$rate"
+                run_with_cost "$target" fanout --subscribers "$subscribers" --payload "$payload" --duration "$DURATION" --rate "$rate"
             done
         done
     done

@@ -4,6 +4,10 @@
 #   bench/cost.sh BROKER_PID [crier-bench arguments...]
 #   bench/cost.sh "$(pgrep -x crier)" fanout --subscribers 100 --payload 64
 #   bench/cost.sh "$(pgrep -x nats-server)" --target nats-ws --url ws://127.0.0.1:PORT fanout
+#   bench/cost.sh --summary BROKER_PID [crier-bench arguments...]
+#
+# Prints {target, subscribers, payload, delivered_per_s} and the two figures; with --summary
+# (what bench/compare.sh uses), crier-bench's whole JSON summary line with the two figures added.
 #
 # Throughput on a shared, noisy 2-core machine moves by ±15% from run to run; CPU time per
 # delivery moves far less, and says which side (broker or client) a change helped. The broker's
@@ -11,14 +15,19 @@
 # run's own rusage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-broker=${1:?usage: bench/cost.sh BROKER_PID [crier-bench arguments...]}
+summary_line=0
+if [ "${1:-}" = --summary ]; then
+    summary_line=1
+    shift
+fi
+broker=${1:?usage: bench/cost.sh [--summary] BROKER_PID [crier-bench arguments...]}
 shift
 [ -x target/release/crier-bench ] || cargo build --release -p crier-bench
 
-exec python3 - "$broker" target/release/crier-bench "$@" <<'PY'
+exec python3 - "$summary_line" "$broker" target/release/crier-bench "$@" <<'PY'
 import json, os, subprocess, sys
 
-broker, command = sys.argv[1], sys.argv[2:]
+summary_line, broker, command = sys.argv[1] == "1", sys.argv[2], sys.argv[3:]
 hz = os.sysconf("SC_CLK_TCK")
 
 def broker_seconds():
@@ -34,12 +43,18 @@ if status != 0:
     sys.exit(f"cost.sh: crier-bench failed ({status})")
 summary = json.loads(output.splitlines()[0])
 delivered = max(summary.get("delivered", 0), 1)
-print(json.dumps({
-    "target": summary.get("target"),
-    "subscribers": summary.get("subscribers"),
-    "payload": summary.get("payload"),
-    "delivered_per_s": summary.get("delivered_per_s"),
+cost = {
     "broker_cpu_us_per_delivery": round(broker_cpu * 1e6 / delivered, 3),
     "client_cpu_us_per_delivery": round((usage.ru_utime + usage.ru_stime) * 1e6 / delivered, 3),
-}))
+}
+if summary_line:
+    print(json.dumps({**summary, **cost}, sort_keys=True, separators=(",", ":")))
+else:
+    print(json.dumps({
+        "target": summary.get("target"),
+        "subscribers": summary.get("subscribers"),
+        "payload": summary.get("payload"),
+        "delivered_per_s": summary.get("delivered_per_s"),
+        **cost,
+    }))
 PY
