@@ -283,17 +283,22 @@ fn chart_svg(path: &Path, bars: &[Bars]) -> Result<(), Error> {
     let labels: Vec<&str> = bars.iter().map(|b| b.label.as_str()).collect();
     let delivered: Vec<[Option<f64>; 2]> = bars.iter().map(|b| b.delivered_per_s).collect();
     let caption = "Fan-out: delivered messages per second (higher is better)";
-    if with_cpu {
+    let (throughput, cpu_area) = if with_cpu {
         let (top, bottom) = root.split_vertically(450);
-        bar_panel(
-            &top,
-            caption,
-            "delivered/s",
-            &fmt_rate,
-            &fmt_rate,
-            &labels,
-            &delivered,
-        )?;
+        (top, Some(bottom))
+    } else {
+        (root.clone(), None)
+    };
+    bar_panel(
+        &throughput,
+        caption,
+        "delivered/s",
+        &fmt_rate,
+        &fmt_rate,
+        &labels,
+        &delivered,
+    )?;
+    if let Some(bottom) = cpu_area {
         let cpu: Vec<[Option<f64>; 2]> = bars.iter().map(|b| b.broker_cpu).collect();
         bar_panel(
             &bottom,
@@ -303,16 +308,6 @@ fn chart_svg(path: &Path, bars: &[Bars]) -> Result<(), Error> {
             &|v| format!("{v:.3}"),
             &labels,
             &cpu,
-        )?;
-    } else {
-        bar_panel(
-            &root,
-            caption,
-            "delivered/s",
-            &fmt_rate,
-            &fmt_rate,
-            &labels,
-            &delivered,
         )?;
     }
     root.present()?;

@@ -145,6 +145,15 @@ impl ExactRoute {
         Some(held)
     }
 
+    /// Ends the route's replay and queues what it held meanwhile (except what the replay had).
+    fn release(&mut self, replayed: Option<StreamPosition>, ns: Ns) {
+        if let Some(held) = self.go_live(replayed) {
+            for publication in &held {
+                self.offer_live(publication, ns);
+            }
+        }
+    }
+
     /// Queues a live publication unless the replay had it; whether it was accepted.
     fn offer_live(&mut self, publication: &Arc<Publication>, ns: Ns) -> bool {
         match &mut self.join {
@@ -400,12 +409,8 @@ impl Drop for PendingRoute<'_> {
         let ns = self.hub.metrics.namespace(&self.topic.name);
         let emptied = self.topic.with(|state| match self.changed.take() {
             Some(inherited) => {
-                if let Some(route) = state.exact.get_mut(&self.id)
-                    && let Some(held) = route.go_live(inherited)
-                {
-                    for publication in &held {
-                        route.offer_live(publication, ns);
-                    }
+                if let Some(route) = state.exact.get_mut(&self.id) {
+                    route.release(inherited, ns);
                 }
                 false
             }
@@ -575,12 +580,8 @@ impl Hub {
             // what the replay had or what came before the position the ack named.
             replay_all(&subscriber);
             topic.with(|state| {
-                if let Some(route) = state.exact.get_mut(&id)
-                    && let Some(held) = route.go_live(position.clone())
-                {
-                    for publication in &held {
-                        route.offer_live(publication, ns);
-                    }
+                if let Some(route) = state.exact.get_mut(&id) {
+                    route.release(position.clone(), ns);
                 }
             });
             return Ok(());

@@ -792,6 +792,17 @@ impl Views {
     }
 }
 
+/// The number `k` as JSON data, which every subscriber receives as itself.
+pub fn number(k: u64) -> (Data, Views) {
+    (
+        Data::Json(json!(k)),
+        Views {
+            json: json!(k),
+            msgpack: json!(k),
+        },
+    )
+}
+
 /// The data a publisher sends, in the encoding it sends it in.
 #[derive(Debug, Clone)]
 pub enum Data {
@@ -1348,15 +1359,9 @@ pub async fn subscriber_moves(target: &Target) {
         let published = published.clone();
         tokio::spawn(async move {
             for k in 1..=TOTAL {
+                let (data, views) = number(k);
                 let p = publisher
-                    .try_publish(
-                        topic,
-                        Data::Json(json!(k)),
-                        Views {
-                            json: json!(k),
-                            msgpack: json!(k),
-                        },
-                    )
+                    .try_publish(topic, data, views)
                     .await
                     .unwrap_or_else(|e| panic!("publish {k}: {e:?}"));
                 assert_eq!(p.seq, k, "a single publisher's seqs");
@@ -2461,17 +2466,8 @@ pub async fn history_is_bounded(target: &Target) {
     let topic = "bounded.t";
     let mut http = Publisher::http(&nodes[0], Enc::Json);
     for k in 1..=25u64 {
-        let p = http
-            .try_publish(
-                topic,
-                Data::Json(json!(k)),
-                Views {
-                    json: json!(k),
-                    msgpack: json!(k),
-                },
-            )
-            .await
-            .unwrap();
+        let (data, views) = number(k);
+        let p = http.try_publish(topic, data, views).await.unwrap();
         assert_eq!(p.seq, k);
     }
     let history = nodes[1].get(&format!("/api/topics/{topic}/history")).await;
