@@ -20,6 +20,7 @@ use crate::auth::Identity;
 use crate::model::{ConnectionId, Encoding};
 use crate::queue::OutboundQueue;
 use crate::topic::Subject;
+use crate::workers::WorkerId;
 
 pub(crate) struct Connection {
     pub id: ConnectionId,
@@ -29,6 +30,8 @@ pub(crate) struct Connection {
     pub batching: bool,
     pub connected_at: SystemTime,
     pub queue: OutboundQueue,
+    /// The worker thread its actor and socket run on, when it runs on one (`crate::workers`).
+    pub worker: Option<WorkerId>,
     /// The topics and patterns subscribed, as the broker keeps them.
     subscriptions: Mutex<HashSet<Subject>>,
     /// Their number, readable without the lock (for `/metrics` and `/api/connections`).
@@ -58,6 +61,7 @@ impl Connection {
             batching: false,
             connected_at: SystemTime::now(),
             queue,
+            worker: None,
             subscriptions: Mutex::new(HashSet::new()),
             subscription_count: AtomicUsize::new(0),
             socket: Mutex::new(socket),
@@ -103,6 +107,11 @@ impl Connection {
         self.publish_rate
             .as_ref()
             .is_none_or(|limiter| limiter.check().is_ok())
+    }
+
+    pub(crate) fn on_worker(mut self, worker: Option<WorkerId>) -> Self {
+        self.worker = worker;
+        self
     }
 
     /// Lets WebSocket messages carry several frames.

@@ -43,6 +43,7 @@ mod server;
 mod stats;
 mod table;
 mod topic;
+mod workers;
 mod ws;
 
 pub use config::{Config, SlowConsumerPolicy};

@@ -712,7 +712,8 @@ thread_local! {
     static HELD_WAKERS: std::cell::RefCell<Option<Vec<Waker>>> = const { std::cell::RefCell::new(None) };
 }
 
-fn wake(waker: Option<Waker>) {
+/// Wakes `waker` now, or at the end of the batch when called inside [`coalescing_wakes`].
+pub(crate) fn wake(waker: Option<Waker>) {
     let Some(waker) = waker else { return };
     let held = HELD_WAKERS.with(|held| match held.borrow_mut().as_mut() {
         Some(list) => {

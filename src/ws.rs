@@ -171,6 +171,7 @@ pub(crate) async fn upgrade(
             identity.clone(),
         )
         .with_batching(batching)
+        .on_worker(broker.join_worker())
         .with_publish_rate(config.publish_rate)
         .with_admission(admission),
     );

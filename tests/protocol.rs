@@ -609,3 +609,61 @@ async fn welcome_names_the_node_the_api_and_metrics_name_it_and_the_backend() {
         1.0
     );
 }
+
+/// Publishers on every worker thread, subscribers on every worker (both encodings, exact and
+/// pattern): each subscriber gets the topic's every message once, in seq order, whichever thread
+/// queued it (the publisher's own, or the subscriber's worker it was handed to).
+#[tokio::test]
+async fn publications_from_every_worker_reach_every_subscriber_in_order() {
+    let server = TestServer::start();
+    let mut subscribers = Vec::new();
+    for i in 0..12 {
+        let enc = if i % 2 == 0 { Enc::Json } else { Enc::Msgpack };
+        let mut c = Client::connect(&server, enc).await;
+        c.subscribe(if i % 3 == 0 { "fan.*" } else { "fan.x" })
+            .await;
+        subscribers.push(c);
+    }
+    let mut publishers = Vec::new();
+    for i in 0..4 {
+        let enc = if i % 2 == 0 { Enc::Msgpack } else { Enc::Json };
+        publishers.push(Client::connect(&server, enc).await);
+    }
+    let per_publisher = 300;
+    let http_publishes = 50;
+    let sends = publishers.iter_mut().enumerate().map(|(p, c)| async move {
+        for n in 0..per_publisher {
+            c.send(json!({"op": "publish", "topic": "fan.x", "data": [p, n]}))
+                .await;
+        }
+        c.sync().await;
+    });
+    let http = async {
+        for n in 0..http_publishes {
+            server.publish("fan.x", &json!(["http", n])).await;
+        }
+    };
+    tokio::join!(futures_util::future::join_all(sends), http);
+
+    let total = 4 * per_publisher + http_publishes;
+    for (i, c) in subscribers.iter_mut().enumerate() {
+        let mut seqs = Vec::new();
+        let mut last = [None; 4];
+        for _ in 0..total {
+            let frame = c.recv().await;
+            assert_eq!(frame["op"], "message", "subscriber {i}: {frame}");
+            seqs.push(frame["seq"].as_u64().unwrap());
+            // Each publisher's messages keep the order it sent them in.
+            if let Some(p) = frame["data"][0].as_u64() {
+                let n = frame["data"][1].as_u64();
+                assert!(
+                    last[p as usize] < n,
+                    "subscriber {i}: publisher {p} out of order"
+                );
+                last[p as usize] = n;
+            }
+        }
+        assert_eq!(seqs, (1..=total).collect::<Vec<_>>(), "subscriber {i}");
+        c.expect_silence(Duration::from_millis(50)).await;
+    }
+}

@@ -32,11 +32,13 @@ use crate::connection::Connection;
 use crate::frame;
 use crate::metrics::{Metrics, Ns};
 use crate::model::{
-    ConnectionId, DeliveryMode, Publication, Replay, StreamPosition, SubscribeOptions, Subscribed,
+    ConnectionId, DeliveryMode, Encoding, Publication, Replay, StreamPosition, SubscribeOptions,
+    Subscribed,
 };
 use crate::queue::Push;
 use crate::table::{TopicEntry, TopicTable};
 use crate::topic::Subject;
+use crate::workers::{Handed, WorkerId, WorkerSet, Workers};
 use patterns::PatternIndex;
 
 pub(crate) struct Hub {
@@ -49,6 +51,7 @@ pub(crate) struct Hub {
     topic_ttl: Duration,
     metrics: Arc<Metrics>,
     topics_with_subscribers: AtomicUsize,
+    workers: Workers,
 }
 
 /// Counts the hub keeps up to date for `/metrics`.
@@ -59,6 +62,10 @@ pub(crate) struct HubStats {
     /// Pattern subscriptions.
     pub patterns: usize,
 }
+
+/// Subscribers a publication may have for the publishing thread to queue it for all of them
+/// itself, on whatever worker they are.
+const DIRECT_DELIVERIES: usize = 8;
 
 /// A topic with subscribers on this node, or one recently delivered to while patterns exist.
 type HubTopic = TopicEntry<TopicState, Interest>;
@@ -82,13 +89,29 @@ struct TopicState {
 struct Subscriber {
     conn: Arc<Connection>,
     mode: DeliveryMode,
+    /// The connection's worker, kept beside the route: reading it in the connection would touch
+    /// memory its own thread writes.
+    worker: Option<WorkerId>,
 }
 
 impl Subscriber {
+    /// Whether a delivery that `reach`es this far queues for this subscriber itself.
+    fn reached(&self, reach: Reach) -> bool {
+        match reach {
+            Reach::Everywhere => true,
+            Reach::From { inline } => self.worker.is_none() || self.worker == inline,
+            Reach::Only(worker) => self.worker == Some(worker),
+        }
+    }
+
     /// Offers a live publication's frame to the connection, as accepted at `now`.
     fn offer(&self, publication: &Publication, ns: Ns, now: Instant) -> Push {
-        let frame = publication.frame(self.conn.encoding, self.encoder());
-        self.push(frame, publication, ns, now)
+        self.offer_from(&mut Frames::Shared(publication), ns, now)
+    }
+
+    fn offer_from(&self, frames: &mut Frames<'_>, ns: Ns, now: Instant) -> Push {
+        let frame = frames.get(self.conn.encoding, self.encoder());
+        self.push(frame, frames.publication(), ns, now)
     }
 
     /// Offers the frame of a publication replayed from history; one made now counts on `meter`.
@@ -116,6 +139,45 @@ impl Subscriber {
                     .queue
                     .push_latest(frame, &publication.topic, ns, now, min_interval)
             }
+        }
+    }
+}
+
+/// Which subscribers a delivery queues frames for itself (see `crate::workers`).
+#[derive(Debug, Clone, Copy)]
+enum Reach {
+    /// Every subscriber: for a publication with few of them, handing it over would cost more
+    /// than the cache lines it saves moving.
+    Everywhere,
+    /// A publication as published, on any thread: those on the `inline` worker (this thread's,
+    /// when it may deliver for it) and those on no worker; the others' workers are handed it.
+    From { inline: Option<WorkerId> },
+    /// A publication handed to a worker, on its thread: that worker's.
+    Only(WorkerId),
+}
+
+/// Where a delivery takes a publication's frame from, for each encoding.
+enum Frames<'a> {
+    /// The publication's own, made once and shared by every thread.
+    Shared(&'a Publication),
+    /// A worker's own copies, made on first use: its subscribers' queues and socket writers then
+    /// count references on memory no other core writes.
+    Local(&'a Publication, [Option<Bytes>; Encoding::ALL.len()]),
+}
+
+impl Frames<'_> {
+    fn publication(&self) -> &Publication {
+        match self {
+            Frames::Shared(p) | Frames::Local(p, _) => p,
+        }
+    }
+
+    fn get(&mut self, encoding: Encoding, encode: impl FnOnce(&Publication) -> Bytes) -> Bytes {
+        match self {
+            Frames::Shared(p) => p.frame(encoding, encode),
+            Frames::Local(p, copies) => copies[encoding as usize]
+                .get_or_insert_with(|| Bytes::copy_from_slice(&p.frame(encoding, encode)))
+                .clone(),
         }
     }
 }
@@ -149,13 +211,18 @@ impl ExactRoute {
     fn release(&mut self, replayed: Option<StreamPosition>, ns: Ns) {
         if let Some(held) = self.go_live(replayed) {
             for publication in &held {
-                self.offer_live(publication, ns);
+                self.offer_live(publication, &mut Frames::Shared(publication), ns);
             }
         }
     }
 
     /// Queues a live publication unless the replay had it; whether it was accepted.
-    fn offer_live(&mut self, publication: &Arc<Publication>, ns: Ns) -> bool {
+    fn offer_live(
+        &mut self,
+        publication: &Arc<Publication>,
+        frames: &mut Frames<'_>,
+        ns: Ns,
+    ) -> bool {
         match &mut self.join {
             Join::Replaying(held) => {
                 held.push(publication.clone());
@@ -170,7 +237,7 @@ impl ExactRoute {
                     *replayed = None;
                 }
                 self.subscriber
-                    .offer(publication, ns, publication.published_at)
+                    .offer_from(frames, ns, publication.published_at)
                     .accepted()
             }
         }
@@ -296,16 +363,38 @@ impl TopicState {
 
     /// Queues `publication` for every connection that wants it, once each: exact subscribers
     /// first, then pattern subscribers whose connection has no exact subscription to the topic.
+    ///
+    /// Only the routes within `reach` are offered the publication; with `Reach::From`, the
+    /// workers of the others are returned, to be handed it (and those routes are counted as
+    /// receivers).
     fn deliver(
         &mut self,
         name: &str,
         publication: &Arc<Publication>,
         ns: Ns,
         patterns: &PatternIndex<PatternRoute>,
-    ) -> usize {
+        reach: Reach,
+    ) -> (usize, WorkerSet) {
         let mut receivers = 0;
+        let mut elsewhere = WorkerSet::default();
+        let mut reached = |subscriber: &Subscriber, receivers: &mut usize| {
+            if subscriber.reached(reach) {
+                return true;
+            }
+            if let (Reach::From { .. }, Some(worker)) = (reach, subscriber.worker) {
+                elsewhere.insert(worker);
+                *receivers += 1;
+            }
+            false
+        };
+        let mut frames = match reach {
+            Reach::Everywhere | Reach::From { .. } => Frames::Shared(publication),
+            Reach::Only(_) => Frames::Local(publication, Default::default()),
+        };
         for route in self.exact.values_mut() {
-            if route.offer_live(publication, ns) {
+            if reached(&route.subscriber, &mut receivers)
+                && route.offer_live(publication, &mut frames, ns)
+            {
                 receivers += 1;
             }
         }
@@ -315,6 +404,9 @@ impl TopicState {
                 .iter()
                 .filter(|r| !self.exact.contains_key(&r.subscriber.conn.id))
             {
+                if !reached(&route.subscriber, &mut receivers) {
+                    continue;
+                }
                 let admit = route
                     .join
                     .as_ref()
@@ -322,7 +414,7 @@ impl TopicState {
                 let accepted = match admit {
                     Admit::Offer => route
                         .subscriber
-                        .offer(publication, ns, publication.published_at)
+                        .offer_from(&mut frames, ns, publication.published_at)
                         .accepted(),
                     Admit::Held => true,
                     Admit::Replayed => false,
@@ -332,7 +424,7 @@ impl TopicState {
                 }
             }
         }
-        receivers
+        (receivers, elsewhere)
     }
 
     /// For a connection about to (re)subscribe to exactly this topic: whether it already receives
@@ -464,7 +556,46 @@ impl Hub {
             topic_ttl: config.topic_ttl,
             metrics,
             topics_with_subscribers: AtomicUsize::new(0),
+            workers: Workers::default(),
         }
+    }
+
+    /// Makes this thread one of the workers publications are handed to (`crate::workers`).
+    pub(crate) fn join_worker(hub: &Arc<Hub>) -> Option<WorkerId> {
+        hub.workers.join(|| {
+            let hub = Arc::downgrade(hub);
+            Arc::new(move |worker, batch: &[Arc<Publication>]| {
+                let Some(hub) = hub.upgrade() else {
+                    return false;
+                };
+                for publication in batch {
+                    hub.deliver_on(worker, publication);
+                }
+                true
+            })
+        })
+    }
+
+    /// Which subscribers of a publication this thread queues for itself (see `crate::workers`).
+    /// Called under the topic's lock.
+    fn reach(&self, name: &str, state: &mut TopicState) -> Reach {
+        // Nothing handed over before may still be waiting to go out ahead of this publication.
+        if state.receivers(name, &self.patterns) <= DIRECT_DELIVERIES && self.workers.all_idle() {
+            return Reach::Everywhere;
+        }
+        let inline = self.workers.here().filter(|w| self.workers.is_idle(*w));
+        Reach::From { inline }
+    }
+
+    /// Queues a publication handed to `worker` for that worker's subscribers.
+    fn deliver_on(&self, worker: WorkerId, publication: &Arc<Publication>) {
+        let name = &publication.topic;
+        let ns = self.metrics.namespace(name);
+        self.topics.with(
+            name,
+            || self.patterns.len() > 0,
+            |_, state| state.deliver(name, publication, ns, &self.patterns, Reach::Only(worker)),
+        );
     }
 
     /// Starts delivering messages on `subject` to `conn` (or changes how, if it was already
@@ -482,6 +613,7 @@ impl Hub {
         let subscriber = Subscriber {
             conn: conn.clone(),
             mode: options.mode,
+            worker: conn.worker,
         };
         match subject {
             Subject::Topic(name) => {
@@ -602,11 +734,11 @@ impl Hub {
                     .is_some_and(|position| p.is_at_or_before(position))
             });
             for publication in &before {
-                route.offer_live(publication, ns);
+                route.offer_live(publication, &mut Frames::Shared(publication), ns);
             }
             replay_all(&route.subscriber);
             for publication in &after {
-                route.offer_live(publication, ns);
+                route.offer_live(publication, &mut Frames::Shared(publication), ns);
             }
         });
         Ok(())
@@ -785,17 +917,30 @@ impl DeliverySink for Hub {
         let ns = self.metrics.namespace(name);
         // A topic without an entry has no exact subscriber; with no pattern either, there is
         // no one to deliver to.
-        let receivers = self
+        let (receivers, backlogged) = self
             .topics
             .with(
                 name,
                 || self.patterns.len() > 0,
                 |_, state| {
                     state.last_active = publication.published_at;
-                    state.deliver(name, publication, ns, &self.patterns)
+                    let reach = self.reach(name, state);
+                    let (receivers, elsewhere) =
+                        state.deliver(name, publication, ns, &self.patterns, reach);
+                    // Under the topic's lock, so each worker gets the topic's publications in order.
+                    let mut backlogged = WorkerSet::default();
+                    for worker in elsewhere.iter() {
+                        if self.workers.hand_over(worker, publication) == Handed::Backlog {
+                            backlogged.insert(worker);
+                        }
+                    }
+                    (receivers, backlogged)
                 },
             )
-            .unwrap_or(0);
+            .unwrap_or_default();
+        for worker in backlogged.iter() {
+            self.workers.help(worker);
+        }
         self.metrics
             .delivered(ns, receivers, publication.published_at.elapsed());
         receivers
