@@ -12,6 +12,10 @@
 # crier or nats-server around the run) and the load generator's (`client_cpu_us_per_delivery`,
 # from the run's rusage), both in µs.
 #
+# Both brokers run as in production: Crier with `--jwt-secret`, every connection presenting a
+# token (minted here, HS256, granting everything); each broker's metrics scraped every second
+# (Crier's /metrics, NATS's /varz monitoring endpoint), as Prometheus would.
+#
 # Environment: DURATION (seconds per run, default 5), REPEAT (runs per configuration, default 3,
 # the median is reported), CONNECTIONS (idle connections, default 19900: the machine's 20000
 # file descriptors per process, less the broker's own).
@@ -41,8 +45,10 @@ free_port() {
 
 nats_port=$(free_port)
 nats_ws_port=$(free_port)
+nats_http_port=$(free_port)
 cat > "$work/nats.conf" <<EOF
 listen: 127.0.0.1:$nats_port
+http: 127.0.0.1:$nats_http_port
 websocket { listen: "127.0.0.1:$nats_ws_port", no_tls: true }
 EOF
 nats-server -c "$work/nats.conf" > "$work/nats.log" 2>&1 &
@@ -50,11 +56,34 @@ nats_pid=$!
 pids+=("$nats_pid")
 
 crier_port=$(free_port)
+jwt_secret=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
+# HS256, granting every topic, valid for a day.
+CRIER_BENCH_TOKEN=$(python3 - "$jwt_secret" <<'PY'
+import base64, hashlib, hmac, json, sys, time
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+claims = b64(json.dumps({"sub": "bench", "exp": int(time.time()) + 86400,
+                         "crier": {"subscribe": [">"], "publish": [">"]}}).encode())
+signature = hmac.new(sys.argv[1].encode(), f"{header}.{claims}".encode(), hashlib.sha256).digest()
+print(f"{header}.{claims}.{b64(signature)}")
+PY
+)
+export CRIER_BENCH_TOKEN
 # One machine makes every connection: lift the per-address limit (1000 by default).
-target/release/crier --listen "127.0.0.1:$crier_port" --max-connections-per-ip 0 --log warn > "$work/crier.log" 2>&1 &
+target/release/crier --listen "127.0.0.1:$crier_port" --max-connections-per-ip 0 \
+    --jwt-secret "$jwt_secret" --log warn > "$work/crier.log" 2>&1 &
 crier_pid=$!
 pids+=("$crier_pid")
 sleep 1
+
+# Scraped every second, as Prometheus would.
+scrape() {
+    while sleep 1; do curl -s -o /dev/null "$1" || true; done
+}
+scrape "http://127.0.0.1:$crier_port/metrics" &
+pids+=("$!")
+scrape "http://127.0.0.1:$nats_http_port/varz" &
+pids+=("$!")
 
 url_of() {
     case $1 in

@@ -34,6 +34,10 @@ struct Cli {
     /// Crier's wire encoding.
     #[arg(long, value_enum, default_value = "msgpack", global = true)]
     encoding: Enc,
+    /// A token (JWT or API key) every Crier connection presents, for a broker that requires
+    /// one.
+    #[arg(long, env = "CRIER_BENCH_TOKEN", global = true)]
+    token: Option<String>,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -78,6 +82,7 @@ async fn main() {
             Enc::Json => Encoding::Json,
             Enc::Msgpack => Encoding::Msgpack,
         },
+        token: cli.token,
     };
     let summary = match &cli.scenario {
         Scenario::Fanout(args) => scenario::fanout(&target, args).await,

@@ -28,6 +28,8 @@ pub struct Target {
     /// One WebSocket URL per node (at least one).
     pub urls: Vec<String>,
     pub encoding: Encoding,
+    /// Presented by every Crier connection.
+    pub token: Option<String>,
 }
 
 type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
@@ -157,6 +159,9 @@ impl Target {
             .buffer(4096);
         if let Some(local) = local {
             builder = builder.local_address(local);
+        }
+        if let Some(token) = &self.token {
+            builder = builder.token(token.clone());
         }
         Ok(builder.connect().await?)
     }
