@@ -236,6 +236,15 @@ pub(crate) fn msgpack_envelope_len(bytes: &[u8], envelope: usize) -> Result<usiz
 /// The bytes of the value under `key` in a MessagePack map that [`msgpack_envelope_len`] has
 /// validated (a later entry wins, as when deserializing); None if the key is absent.
 pub(crate) fn msgpack_map_value<'a>(map: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    msgpack_map_entries(map)?
+        .filter(|(k, _)| msgpack_str(k) == Some(key))
+        .last()
+        .map(|(_, value)| value)
+}
+
+/// The entries of a MessagePack map that [`msgpack_envelope_len`] has validated, as the bytes of
+/// each key and each value, in order; None if `map` is not a map.
+pub(crate) fn msgpack_map_entries(map: &[u8]) -> Option<impl Iterator<Item = (&[u8], &[u8])>> {
     let (entries, mut at) = match *map.first()? {
         b @ 0x80..=0x8f => (usize::from(b & 0x0f), 1),
         0xde => (
@@ -248,18 +257,39 @@ pub(crate) fn msgpack_map_value<'a>(map: &'a [u8], key: &[u8]) -> Option<&'a [u8
         }
         _ => return None,
     };
-    let mut found = None;
-    for _ in 0..entries {
+    Some((0..entries).map_while(move |_| {
         let key_len = validated_len(map.get(at..)?)?;
-        let this_key = msgpack_str(map.get(at..at + key_len)?);
+        let key = map.get(at..at + key_len)?;
         at += key_len;
         let value_len = validated_len(map.get(at..)?)?;
-        if this_key == Some(key) {
-            found = map.get(at..at + value_len);
-        }
+        let value = map.get(at..at + value_len)?;
         at += value_len;
+        Some((key, value))
+    }))
+}
+
+/// A validated MessagePack `str` value as text; None for any other type (`bin` included).
+pub(crate) fn msgpack_text(value: &[u8]) -> Option<&str> {
+    match value.first()? {
+        0xa0..=0xbf | 0xd9 | 0xda | 0xdb => std::str::from_utf8(msgpack_str(value)?).ok(),
+        _ => None,
     }
-    found
+}
+
+/// A validated MessagePack unsigned integer (positive fixint or `uint` 8–64); None otherwise.
+pub(crate) fn msgpack_uint(value: &[u8]) -> Option<u64> {
+    let be = |n: usize| -> Option<u64> {
+        let bytes = value.get(1..1 + n)?;
+        Some(bytes.iter().fold(0, |v, b| v << 8 | u64::from(*b)))
+    };
+    match *value.first()? {
+        b @ 0x00..=0x7f => Some(u64::from(b)),
+        0xcc => be(1),
+        0xcd => be(2),
+        0xce => be(4),
+        0xcf => be(8),
+        _ => None,
+    }
 }
 
 /// The bytes of a MessagePack `str` (or `bin`, which serde also reads as a field name).
