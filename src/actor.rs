@@ -536,6 +536,8 @@ impl<S: futures_core::Stream<Item = Read> + Unpin> futures_core::Stream for Batc
 
 impl StreamHandler<Vec<Read>> for ConnectionActor {
     fn handle(&mut self, batch: Vec<Read>, ctx: &mut Self::Context) {
+        // One clock reading per batch read, not per frame.
+        self.last_seen = Instant::now();
         // Subscribers' writers are woken once for the whole batch, not once per publish.
         crate::queue::coalescing_wakes(|| {
             let mut batch = batch.into_iter();
@@ -566,7 +568,6 @@ impl ConnectionActor {
         if self.failed {
             return;
         }
-        self.last_seen = Instant::now();
         match item {
             Ok(AggregatedMessage::Text(_) | AggregatedMessage::Binary(_)) if self.closing => {}
             Ok(AggregatedMessage::Text(text)) => {
