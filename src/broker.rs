@@ -229,13 +229,13 @@ impl Broker {
         &self.metrics
     }
 
-    /// This process's node id.
     /// Makes this thread one of the workers publications are handed to, if it can be one
     /// (`crate::workers`); a connection opened here records the answer.
     pub(crate) fn join_worker(&self) -> Option<crate::workers::WorkerId> {
         Hub::join_worker(&self.hub)
     }
 
+    /// This process's node id.
     pub(crate) fn node(&self) -> &str {
         &self.node
     }

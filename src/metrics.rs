@@ -472,8 +472,12 @@ impl Metrics {
 
     /// One publication queued for this node's subscribers: how many, and how long after it was
     /// accepted the last was queued.
-    pub(crate) fn delivered(&self, ns: Ns, receivers: usize, fanout: Duration) {
-        self.delivered[usize::from(ns.0)].inc_by(receivers as u64);
+    pub(crate) fn delivered(&self, ns: Ns, queued: usize) {
+        self.delivered[usize::from(ns.0)].inc_by(queued as u64);
+    }
+
+    /// A publication is queued for every local subscriber, `fanout` after it was accepted.
+    pub(crate) fn fanned_out(&self, fanout: Duration) {
         self.fanout_seconds.observe(fanout.as_secs_f64());
     }
 

@@ -205,6 +205,8 @@ pub(crate) struct Publication {
     frames: [OnceLock<Bytes>; 2],
     /// Bytes counted in its history's total while the message is retained; 0 otherwise.
     counted: AtomicUsize,
+    /// Threads still queuing it for this node's subscribers, when it was handed to workers.
+    fanning_out: AtomicUsize,
 }
 
 impl Publication {
@@ -222,6 +224,7 @@ impl Publication {
             published_at,
             frames: Default::default(),
             counted: AtomicUsize::new(0),
+            fanning_out: AtomicUsize::new(0),
         }
     }
 
@@ -232,6 +235,16 @@ impl Publication {
 
     /// The frame for `encoding`, made by `encode` if no one has made it yet.
     #[inline]
+    /// Notes that `threads` will queue this publication for this node's subscribers.
+    pub(crate) fn fan_out_on(&self, threads: usize) {
+        self.fanning_out.store(threads, Ordering::Relaxed);
+    }
+
+    /// One of those threads is done; true for the last one.
+    pub(crate) fn fanned_out_on_one(&self) -> bool {
+        self.fanning_out.fetch_sub(1, Ordering::AcqRel) == 1
+    }
+
     pub(crate) fn frame(
         &self,
         encoding: Encoding,

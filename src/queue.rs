@@ -740,16 +740,23 @@ pub(crate) fn coalescing_wakes<R>(f: impl FnOnce() -> R) -> R {
         *held = Some(Vec::new());
         true
     });
-    let result = f();
-    if outermost {
-        let wakers = HELD_WAKERS
-            .with(|held| held.borrow_mut().take())
-            .unwrap_or_default();
-        for waker in wakers {
-            waker.wake();
+    // Releases the wake-ups even if `f` panics, so that this thread does not hold all its
+    // later ones back.
+    struct Release(bool);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            if self.0 {
+                let wakers = HELD_WAKERS
+                    .with(|held| held.borrow_mut().take())
+                    .unwrap_or_default();
+                for waker in wakers {
+                    waker.wake();
+                }
+            }
         }
     }
-    result
+    let _release = Release(outermost);
+    f()
 }
 
 #[cfg(test)]
@@ -901,6 +908,36 @@ mod tests {
                 .render()
                 .contains(r#"crier_messages_dropped_total{namespace="other",reason="closed"} 1"#)
         );
+    }
+
+    /// A publisher that panics while its wake-ups are held back still wakes them, and later
+    /// wake-ups on its thread are not held.
+    #[test]
+    fn held_wakes_are_released_when_the_batch_panics() {
+        use std::sync::atomic::AtomicUsize;
+        struct Count(AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = || Some(Waker::from(count.clone()));
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            coalescing_wakes(|| {
+                wake(waker());
+                assert_eq!(count.0.load(Ordering::Relaxed), 0, "held");
+                panic!("a delivery failed");
+            })
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(
+            count.0.load(Ordering::Relaxed),
+            1,
+            "released when the batch ended"
+        );
+        wake(waker());
+        assert_eq!(count.0.load(Ordering::Relaxed), 2, "no longer held");
     }
 
     fn msg(n: usize) -> Bytes {

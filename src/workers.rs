@@ -45,6 +45,10 @@ impl WorkerSet {
         self.0 |= 1 << worker;
     }
 
+    pub(crate) fn len(self) -> usize {
+        self.0.count_ones() as usize
+    }
+
     pub(crate) fn iter(self) -> impl Iterator<Item = WorkerId> {
         (0..MAX_WORKERS as WorkerId).filter(move |w| self.0 & (1 << w) != 0)
     }
@@ -66,7 +70,8 @@ struct Inbox {
     pending: Mutex<Pending>,
     /// Held by whoever delivers a batch taken from `pending`, so batches go out in order.
     turn: Mutex<()>,
-    /// Cleared when the worker's delivery task ends (its thread stopped).
+    /// Cleared (under `pending`'s lock) when the worker's delivery task ends: its thread stopped,
+    /// or a delivery panicked. Its connections are then queued for by the publishing thread.
     open: AtomicBool,
     deliver: Arc<DeliverBatch>,
 }
@@ -152,15 +157,16 @@ impl Workers {
     }
 
     /// Hands `publication` to `worker`. Past a backlog of [`BACKLOG`], the caller should
-    /// [`Workers::help`] once it holds no topic's lock.
+    /// [`Workers::help`] once it holds no topic's lock; for a worker that has stopped, the caller
+    /// queues for that worker's connections itself.
     pub(crate) fn hand_over(&self, worker: WorkerId, publication: &Arc<Publication>) -> Handed {
-        let Some(inbox) = self.inboxes[worker as usize]
-            .get()
-            .filter(|inbox| inbox.open.load(Ordering::Relaxed))
-        else {
+        let Some(inbox) = self.inboxes[worker as usize].get() else {
             return Handed::Stopped;
         };
         let mut pending = inbox.pending.lock();
+        if !inbox.open.load(Ordering::Relaxed) {
+            return Handed::Stopped;
+        }
         pending.publications.push(publication.clone());
         let backlog = pending.publications.len() > BACKLOG;
         let waker = pending.waker.take();
@@ -195,8 +201,10 @@ pub(crate) enum Handed {
 impl Inbox {
     fn is_idle(&self) -> bool {
         // In this order: a batch is taken under `turn`, so once `pending` is seen empty, a batch
-        // taken before is either finished or still holds `turn`.
-        self.pending.lock().publications.is_empty() && !self.turn.is_locked()
+        // taken before is either finished or still holds `turn`. A stopped worker holds nothing.
+        let pending = self.pending.lock();
+        !self.open.load(Ordering::Relaxed)
+            || (pending.publications.is_empty() && !self.turn.is_locked())
     }
 
     /// Takes what is waiting and delivers it; false once the broker is gone.
@@ -214,7 +222,10 @@ async fn deliver_handed(inbox: Arc<Inbox>, worker: WorkerId) {
     struct Stopped<'a>(&'a Inbox);
     impl Drop for Stopped<'_> {
         fn drop(&mut self) {
+            let mut pending = self.0.pending.lock();
             self.0.open.store(false, Ordering::Relaxed);
+            pending.publications.clear();
+            pending.waker = None;
         }
     }
     let _stopped = Stopped(&inbox);
@@ -328,5 +339,7 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
+        // Nothing waits for it any more: a stopped worker never holds the others up.
+        assert!(workers.is_idle(worker) && workers.all_idle());
     }
 }

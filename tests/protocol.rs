@@ -667,3 +667,66 @@ async fn publications_from_every_worker_reach_every_subscriber_in_order() {
         c.expect_silence(Duration::from_millis(50)).await;
     }
 }
+
+/// A connection that already receives a topic subscribes to it again with a rewind, while a
+/// publisher on another worker publishes: each time, after the ack at position P, the live
+/// messages up to P come first, then the rewind (P-2..=P), then only newer live messages, with
+/// nothing lost or repeated in the live stream.
+#[tokio::test]
+async fn a_rewind_on_a_running_subscription_comes_where_its_stream_was() {
+    let server = TestServer::start();
+    // More subscribers than a publication is queued for directly, so that it is handed over.
+    let mut others = Vec::new();
+    for _ in 0..10 {
+        let mut c = Client::connect(&server, Enc::Msgpack).await;
+        c.subscribe("flow").await;
+        others.push(c);
+    }
+    let mut c = Client::connect(&server, Enc::Json).await;
+    c.subscribe("flow").await;
+    let mut publisher = Client::connect(&server, Enc::Msgpack).await;
+    let (mut last_live, mut published) = (0, 0);
+    for round in 0..30 {
+        for _ in 0..200 {
+            publisher
+                .send(json!({"op": "publish", "topic": "flow", "data": published}))
+                .await;
+            published += 1;
+        }
+        c.send(json!({"op": "subscribe", "topic": "flow", "rewind": 3, "id": round}))
+            .await;
+        let position = loop {
+            let frame = c.recv().await;
+            if frame["op"] == "ack" {
+                break frame["seq"].as_u64().unwrap();
+            }
+            let seq = frame["seq"].as_u64().unwrap();
+            assert_eq!(seq, last_live + 1, "round {round}: the live stream");
+            last_live = seq;
+        };
+        let expected: Vec<u64> = (last_live + 1..=position)
+            .chain(position.saturating_sub(2).max(1)..=position)
+            .collect();
+        let mut got = Vec::new();
+        for _ in 0..expected.len() {
+            got.push(c.recv().await["seq"].as_u64().unwrap());
+        }
+        assert_eq!(
+            got, expected,
+            "round {round}: held live messages, then the rewind"
+        );
+        last_live = position;
+        while last_live < published {
+            let seq = c.recv().await["seq"].as_u64().unwrap();
+            assert_eq!(
+                seq,
+                last_live + 1,
+                "round {round}: live after the rewind to {position}"
+            );
+            last_live = seq;
+        }
+        // Whatever else the others hold, they are not read: only their queues grow.
+        publisher.sync().await;
+    }
+    drop(others);
+}

@@ -143,6 +143,19 @@ impl Subscriber {
     }
 }
 
+/// What one delivery did.
+#[derive(Debug, Default)]
+struct Delivered {
+    /// Connections it queued the publication for (the policy accepted it, or it was held).
+    queued: usize,
+    /// Connections it offered the publication to, accepted or not.
+    offered: usize,
+    /// Subscribers on other workers.
+    handed: usize,
+    /// Those subscribers' workers, to hand the publication to.
+    elsewhere: WorkerSet,
+}
+
 /// Which subscribers a delivery queues frames for itself (see `crate::workers`).
 #[derive(Debug, Clone, Copy)]
 enum Reach {
@@ -365,8 +378,7 @@ impl TopicState {
     /// first, then pattern subscribers whose connection has no exact subscription to the topic.
     ///
     /// Only the routes within `reach` are offered the publication; with `Reach::From`, the
-    /// workers of the others are returned, to be handed it (and those routes are counted as
-    /// receivers).
+    /// others are counted and their workers returned, to be handed it.
     fn deliver(
         &mut self,
         name: &str,
@@ -374,16 +386,19 @@ impl TopicState {
         ns: Ns,
         patterns: &PatternIndex<PatternRoute>,
         reach: Reach,
-    ) -> (usize, WorkerSet) {
+    ) -> Delivered {
         let mut receivers = 0;
+        let mut offered = 0;
+        let mut handed = 0;
         let mut elsewhere = WorkerSet::default();
-        let mut reached = |subscriber: &Subscriber, receivers: &mut usize| {
+        let mut reached = |subscriber: &Subscriber| {
             if subscriber.reached(reach) {
+                offered += 1;
                 return true;
             }
             if let (Reach::From { .. }, Some(worker)) = (reach, subscriber.worker) {
                 elsewhere.insert(worker);
-                *receivers += 1;
+                handed += 1;
             }
             false
         };
@@ -392,9 +407,7 @@ impl TopicState {
             Reach::Only(_) => Frames::Local(publication, Default::default()),
         };
         for route in self.exact.values_mut() {
-            if reached(&route.subscriber, &mut receivers)
-                && route.offer_live(publication, &mut frames, ns)
-            {
+            if reached(&route.subscriber) && route.offer_live(publication, &mut frames, ns) {
                 receivers += 1;
             }
         }
@@ -404,7 +417,7 @@ impl TopicState {
                 .iter()
                 .filter(|r| !self.exact.contains_key(&r.subscriber.conn.id))
             {
-                if !reached(&route.subscriber, &mut receivers) {
+                if !reached(&route.subscriber) {
                     continue;
                 }
                 let admit = route
@@ -424,7 +437,12 @@ impl TopicState {
                 }
             }
         }
-        (receivers, elsewhere)
+        Delivered {
+            queued: receivers,
+            offered,
+            handed,
+            elsewhere,
+        }
     }
 
     /// For a connection about to (re)subscribe to exactly this topic: whether it already receives
@@ -591,11 +609,19 @@ impl Hub {
     fn deliver_on(&self, worker: WorkerId, publication: &Arc<Publication>) {
         let name = &publication.topic;
         let ns = self.metrics.namespace(name);
-        self.topics.with(
+        let queued = self.topics.with(
             name,
             || self.patterns.len() > 0,
-            |_, state| state.deliver(name, publication, ns, &self.patterns, Reach::Only(worker)),
+            |_, state| {
+                state
+                    .deliver(name, publication, ns, &self.patterns, Reach::Only(worker))
+                    .queued
+            },
         );
+        self.metrics.delivered(ns, queued.unwrap_or(0));
+        if publication.fanned_out_on_one() {
+            self.metrics.fanned_out(publication.published_at.elapsed());
+        }
     }
 
     /// Starts delivering messages on `subject` to `conn` (or changes how, if it was already
@@ -720,7 +746,11 @@ impl Hub {
         };
         // The connection already received the topic (a subscription being changed, or through a
         // pattern): its stream goes on uninterrupted, with nothing dropped, and the replay asked
-        // for comes where the stream was when history was read.
+        // for comes where the stream was when history was read. What was handed to the
+        // connection's worker before that is delivered first, so that the route holds it now.
+        if let Some(worker) = subscriber.worker {
+            self.workers.help(worker);
+        }
         topic.with(|state| {
             let Some(route) = state.exact.get_mut(&id) else {
                 return;
@@ -917,7 +947,7 @@ impl DeliverySink for Hub {
         let ns = self.metrics.namespace(name);
         // A topic without an entry has no exact subscriber; with no pattern either, there is
         // no one to deliver to.
-        let (receivers, backlogged) = self
+        let (delivered, backlogged) = self
             .topics
             .with(
                 name,
@@ -925,24 +955,39 @@ impl DeliverySink for Hub {
                 |_, state| {
                     state.last_active = publication.published_at;
                     let reach = self.reach(name, state);
-                    let (receivers, elsewhere) =
-                        state.deliver(name, publication, ns, &self.patterns, reach);
-                    // Under the topic's lock, so each worker gets the topic's publications in order.
+                    let mut delivered = state.deliver(name, publication, ns, &self.patterns, reach);
                     let mut backlogged = WorkerSet::default();
-                    for worker in elsewhere.iter() {
-                        if self.workers.hand_over(worker, publication) == Handed::Backlog {
-                            backlogged.insert(worker);
+                    if delivered.elsewhere.len() > 0 {
+                        // Each worker handed it counts down, and so does this thread.
+                        publication.fan_out_on(delivered.elsewhere.len() + 1);
+                    }
+                    // Under the topic's lock, so each worker gets the topic's publications in order.
+                    for worker in delivered.elsewhere.iter() {
+                        match self.workers.hand_over(worker, publication) {
+                            Handed::Queued => {}
+                            Handed::Backlog => backlogged.insert(worker),
+                            Handed::Stopped => {
+                                let reach = Reach::Only(worker);
+                                let here =
+                                    state.deliver(name, publication, ns, &self.patterns, reach);
+                                delivered.queued += here.queued;
+                                delivered.handed -= here.offered;
+                                publication.fanned_out_on_one();
+                            }
                         }
                     }
-                    (receivers, backlogged)
+                    (delivered, backlogged)
                 },
             )
             .unwrap_or_default();
         for worker in backlogged.iter() {
             self.workers.help(worker);
         }
-        self.metrics
-            .delivered(ns, receivers, publication.published_at.elapsed());
-        receivers
+        self.metrics.delivered(ns, delivered.queued);
+        if delivered.elsewhere.len() == 0 || publication.fanned_out_on_one() {
+            self.metrics.fanned_out(publication.published_at.elapsed());
+        }
+        // What was handed over is counted as queued: the worker queues it without asking back.
+        delivered.queued + delivered.handed
     }
 }
