@@ -707,6 +707,8 @@ pub(crate) fn decode_for_test(frame: &Bytes) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use actix_http::ws::Parser;
+    use bytes::BytesMut;
 
     /// The publish fast path answers every frame exactly as the general path does, or leaves it
     /// to the general path: publishes with and without ids of each kind, and frames it declines
@@ -783,8 +785,6 @@ mod tests {
             );
         }
     }
-    use actix_http::ws::Parser;
-    use bytes::BytesMut;
 
     fn actix_frame(op: OpCode, payload: &[u8]) -> Bytes {
         let mut buf = BytesMut::new();

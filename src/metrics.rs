@@ -470,8 +470,8 @@ impl Metrics {
         self.published[usize::from(ns.0)][source as usize].inc();
     }
 
-    /// One publication queued for this node's subscribers: how many, and how long after it was
-    /// accepted the last was queued.
+    /// Frames of a publication queued for `queued` of this node's connections (by one thread:
+    /// the publisher's or a worker's).
     pub(crate) fn delivered(&self, ns: Ns, queued: usize) {
         self.delivered[usize::from(ns.0)].inc_by(queued as u64);
     }

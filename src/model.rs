@@ -233,8 +233,6 @@ impl Publication {
         self.seq <= position.seq && *self.epoch == *position.epoch
     }
 
-    /// The frame for `encoding`, made by `encode` if no one has made it yet.
-    #[inline]
     /// Notes that `threads` will queue this publication for this node's subscribers.
     pub(crate) fn fan_out_on(&self, threads: usize) {
         self.fanning_out.store(threads, Ordering::Relaxed);
@@ -245,6 +243,8 @@ impl Publication {
         self.fanning_out.fetch_sub(1, Ordering::AcqRel) == 1
     }
 
+    /// The frame for `encoding`, made by `encode` if no one has made it yet.
+    #[inline]
     pub(crate) fn frame(
         &self,
         encoding: Encoding,

@@ -49,6 +49,10 @@ impl WorkerSet {
         self.0.count_ones() as usize
     }
 
+    pub(crate) fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
     pub(crate) fn iter(self) -> impl Iterator<Item = WorkerId> {
         (0..MAX_WORKERS as WorkerId).filter(move |w| self.0 & (1 << w) != 0)
     }

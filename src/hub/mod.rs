@@ -957,7 +957,7 @@ impl DeliverySink for Hub {
                     let reach = self.reach(name, state);
                     let mut delivered = state.deliver(name, publication, ns, &self.patterns, reach);
                     let mut backlogged = WorkerSet::default();
-                    if delivered.elsewhere.len() > 0 {
+                    if !delivered.elsewhere.is_empty() {
                         // Each worker handed it counts down, and so does this thread.
                         publication.fan_out_on(delivered.elsewhere.len() + 1);
                     }
@@ -984,7 +984,7 @@ impl DeliverySink for Hub {
             self.workers.help(worker);
         }
         self.metrics.delivered(ns, delivered.queued);
-        if delivered.elsewhere.len() == 0 || publication.fanned_out_on_one() {
+        if delivered.elsewhere.is_empty() || publication.fanned_out_on_one() {
             self.metrics.fanned_out(publication.published_at.elapsed());
         }
         // What was handed over is counted as queued: the worker queues it without asking back.
