@@ -53,8 +53,17 @@ impl WorkerSet {
         self.0 == 0
     }
 
+    /// The workers in the set, lowest first. It visits set bits only: a publication walks this
+    /// once or twice, and testing all 64 bits showed as 4% of a publish at one subscriber.
     pub(crate) fn iter(self) -> impl Iterator<Item = WorkerId> {
-        (0..MAX_WORKERS as WorkerId).filter(move |w| self.0 & (1 << w) != 0)
+        let mut bits = self.0;
+        std::iter::from_fn(move || {
+            let worker = bits.trailing_zeros();
+            (worker < 64).then(|| {
+                bits &= bits - 1;
+                worker as WorkerId
+            })
+        })
     }
 }
 
@@ -265,6 +274,25 @@ mod tests {
     use crate::model::StreamPosition;
     use bytes::Bytes;
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_worker_set_yields_its_members_lowest_first() {
+        for members in [
+            vec![],
+            vec![0],
+            vec![63],
+            vec![0, 1],
+            vec![2, 5, 31, 32, 62, 63],
+        ] {
+            let mut set = WorkerSet::default();
+            for &worker in members.iter().rev() {
+                set.insert(worker);
+            }
+            assert_eq!(set.iter().collect::<Vec<_>>(), members);
+            assert_eq!(set.len(), members.len());
+            assert_eq!(set.is_empty(), members.is_empty());
+        }
+    }
 
     fn publication(seq: u64) -> Arc<Publication> {
         let position = StreamPosition {
