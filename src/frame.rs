@@ -339,7 +339,7 @@ pub(crate) fn parse_msgpack(bytes: &[u8]) -> Result<Request, FrameError> {
         ));
     }
     match msgpack_publish(bytes) {
-        Some(raw) => validate(raw),
+        Some(request) => Ok(request),
         None => parse_msgpack_envelope(bytes),
     }
 }
@@ -369,7 +369,7 @@ fn parse_msgpack_envelope(bytes: &[u8]) -> Result<Request, FrameError> {
 /// perhaps `id`, each once and of the usual types, read in one pass over the bytes the walk
 /// validated, without serde (whose decoding was a tenth of a publish's cost). None for any other
 /// frame: the general path then reads it, and so answers it exactly as before.
-fn msgpack_publish(bytes: &[u8]) -> Option<RawFrame<Data>> {
+fn msgpack_publish(bytes: &[u8]) -> Option<Request> {
     let (mut op, mut topic, mut data, mut id) = (None, None, None, None);
     for (key, value) in msgpack_map_entries(bytes)? {
         match msgpack_text(key)? {
@@ -388,16 +388,13 @@ fn msgpack_publish(bytes: &[u8]) -> Option<RawFrame<Data>> {
     if op? != "publish" {
         return None;
     }
-    Some(RawFrame {
-        op: "publish".to_owned(),
+    // What `validate` makes of a publish with its topic and data, without its op's `String`.
+    Some(Request {
         id,
-        topic: Some(topic?.to_owned()),
-        data: Some(Data::Msgpack(Bytes::copy_from_slice(data?))),
-        since: None,
-        rewind: None,
-        mode: None,
-        max_rate: None,
-        token: None,
+        op: Op::Publish {
+            topic: topic?.to_owned(),
+            data: Data::Msgpack(Bytes::copy_from_slice(data?)),
+        },
     })
 }
 
