@@ -427,49 +427,37 @@ fn msgpack_walk(bytes: &[u8], max_depth: usize, check_strings: bool) -> Result<u
         let is_key = current.is_map && current.remaining.is_multiple_of(2);
         current.remaining -= 1;
         let marker = *bytes.get(pos).ok_or_else(truncated)?;
+        if let Some(len) = msgpack_scalar_len(&bytes[pos..]) {
+            let is_str = matches!(marker, 0xa0..=0xbf | 0xd9 | 0xda | 0xdb);
+            if check_strings && is_str && msgpack_text(&bytes[pos..pos + len]).is_none() {
+                return Err(InvalidData("a string is not UTF-8".into()));
+            }
+            pos += len;
+            continue;
+        }
         pos += 1;
         let mut take = |n: usize| -> Result<u64, InvalidData> {
             let field = bytes.get(pos..pos + n).ok_or_else(truncated)?;
             pos += n;
             Ok(field.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
         };
-        // (bytes of payload to skip, items it contains, whether the payload is a str)
-        let (skip, items, is_str) = match marker {
-            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, 0, false),
-            0x80..=0x8f => (0, 2 * u64::from(marker & 0x0f), false),
-            0x90..=0x9f => (0, u64::from(marker & 0x0f), false),
-            0xa0..=0xbf => (u64::from(marker & 0x1f), 0, true),
+        // Items the array or map contains (a map's keys and values both count).
+        let items = match marker {
+            0x80..=0x8f => 2 * u64::from(marker & 0x0f),
+            0x90..=0x9f => u64::from(marker & 0x0f),
             0xc1 => return Err(InvalidData("it uses the reserved byte 0xc1".into())),
-            0xc4 => (take(1)?, 0, false),
-            0xc5 => (take(2)?, 0, false),
-            0xc6 => (take(4)?, 0, false),
             0xc7..=0xc9 | 0xd4..=0xd8 => {
                 return Err(InvalidData("extension types are not accepted".into()));
             }
-            0xca | 0xce | 0xd2 => (4, 0, false),
-            0xcb | 0xcf | 0xd3 => (8, 0, false),
-            0xcc | 0xd0 => (1, 0, false),
-            0xcd | 0xd1 => (2, 0, false),
-            0xd9 => (take(1)?, 0, true),
-            0xda => (take(2)?, 0, true),
-            0xdb => (take(4)?, 0, true),
-            0xdc => (0, take(2)?, false),
-            0xdd => (0, take(4)?, false),
-            0xde => (0, 2 * take(2)?, false),
-            0xdf => (0, 2 * take(4)?, false),
+            0xdc => take(2)?,
+            0xdd => take(4)?,
+            0xde => 2 * take(2)?,
+            0xdf => 2 * take(4)?,
+            // A scalar whose header or payload runs past the end.
+            _ => return Err(truncated()),
         };
-        let end = usize::try_from(skip)
-            .ok()
-            .and_then(|skip| pos.checked_add(skip))
-            .filter(|&end| end <= bytes.len())
-            .ok_or_else(truncated)?;
-        if check_strings && is_str && ascii_or_utf8(&bytes[pos..end]).is_none() {
-            return Err(InvalidData("a string is not UTF-8".into()));
-        }
-        pos = end;
         let is_map = matches!(marker, 0x80..=0x8f | 0xde | 0xdf);
-        let is_container = is_map || matches!(marker, 0x90..=0x9f | 0xdc | 0xdd);
-        if is_container && is_key && current.in_key {
+        if is_key && current.in_key {
             return Err(InvalidData(
                 "an array or map is a map key inside another map key".into(),
             ));
