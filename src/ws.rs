@@ -614,6 +614,13 @@ mod tests {
             g.inspect(&frame[..14]),
             Err(PayloadError::Overflow)
         ));
+        // The same header arriving in pieces.
+        let mut g = guard(70_000);
+        g.inspect(&frame[..3]).unwrap();
+        assert!(matches!(
+            g.inspect(&frame[3..14]),
+            Err(PayloadError::Overflow)
+        ));
         // A header announcing an absurd length.
         let mut g = guard(70_000);
         assert!(
@@ -652,8 +659,13 @@ mod tests {
         rsv1[0] |= 0x40;
         let long_ping = client_frame(OpCode::Ping, true, 126);
         let fragmented_ping = client_frame(OpCode::Ping, false, 3);
-        for frame in [rsv1, long_ping, fragmented_ping] {
-            let err = guard(70_000).inspect(&frame).unwrap_err();
+        for (frame, split) in [rsv1, long_ping, fragmented_ping]
+            .into_iter()
+            .flat_map(|frame| [(frame.clone(), 0), (frame, 1)])
+        {
+            let mut g = guard(70_000);
+            let (first, rest) = frame.split_at(split);
+            let err = g.inspect(first).and_then(|()| g.inspect(rest)).unwrap_err();
             let violation = match &err {
                 PayloadError::Io(io) => io
                     .get_ref()
