@@ -274,7 +274,7 @@ impl Broker {
         if !identity.is_authenticated() {
             return Err(self.unauthorized());
         }
-        if topic::namespace(topic) == topic::SYSTEM_NAMESPACE {
+        if topic::is_system(topic) {
             return Err(self.refuse(
                 Refused::Forbidden,
                 ErrorCode::Forbidden,

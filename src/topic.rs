@@ -123,14 +123,16 @@ fn is_topic_char(c: char) -> bool {
 
 /// Whether a topic or pattern is (or reaches only) one of the broker's own topics.
 pub(crate) fn is_system(subject: &str) -> bool {
-    namespace(subject) == SYSTEM_NAMESPACE
+    subject
+        .strip_prefix(SYSTEM_NAMESPACE)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
 }
 
 /// Whether a (valid) pattern matches a (valid) topic. The broker's own topics
 /// ([`SYSTEM_NAMESPACE`]) are matched only by patterns that name their namespace: `>` and `*.x`
 /// do not reach them.
 pub(crate) fn matches(pattern: &str, topic: &str) -> bool {
-    if namespace(topic) == SYSTEM_NAMESPACE && namespace(pattern) != SYSTEM_NAMESPACE {
+    if is_system(topic) && !is_system(pattern) {
         return false;
     }
     let mut topic_segments = topic.split('.');
@@ -148,7 +150,11 @@ pub(crate) fn matches(pattern: &str, topic: &str) -> bool {
 
 /// The first segment of a topic, which metrics may label.
 pub(crate) fn namespace(topic: &str) -> &str {
-    topic.split('.').next().unwrap_or(topic)
+    // A byte loop: topics are short, and `split`'s searcher was 1.5% of a small publish.
+    match topic.bytes().position(|b| b == b'.') {
+        Some(dot) => &topic[..dot],
+        None => topic,
+    }
 }
 
 #[cfg(test)]
@@ -246,5 +252,20 @@ mod tests {
     fn namespaces() {
         assert_eq!(namespace("metrics.cpu"), "metrics");
         assert_eq!(namespace("solo"), "solo");
+        assert_eq!(namespace("a.b.c"), "a");
+        assert_eq!(namespace(""), "");
+        for subject in ["_crier", "_crier.connections", "_crier.*", "_crier.>"] {
+            assert!(is_system(subject), "{subject}");
+        }
+        for subject in [
+            "_crierx",
+            "_crierx.a",
+            "x._crier",
+            "_crie",
+            ">",
+            "*.connections",
+        ] {
+            assert!(!is_system(subject), "{subject}");
+        }
     }
 }
