@@ -390,12 +390,16 @@ fn msgpack_publish(bytes: &[u8]) -> Option<Request> {
     };
     let data_len = |data: &[u8]| msgpack_value_len(data).ok();
     let (mut op, mut topic, mut data, mut id) = (None, None, None, None);
+    // Keys and the op are matched as the bytes a MessagePack encoder writes for them (fixstr);
+    // any other spelling is left to the general path.
     for _ in 0..entries {
-        match msgpack_text(next(msgpack_scalar_len)?)? {
-            "op" if op.is_none() => op = Some(msgpack_text(next(msgpack_scalar_len)?)?),
-            "topic" if topic.is_none() => topic = Some(msgpack_text(next(msgpack_scalar_len)?)?),
-            "data" if data.is_none() => data = Some(next(data_len)?),
-            "id" if id.is_none() => {
+        match next(msgpack_scalar_len)? {
+            b"\xa2op" if op.is_none() => op = Some(next(msgpack_scalar_len)?),
+            b"\xa5topic" if topic.is_none() => {
+                topic = Some(msgpack_text(next(msgpack_scalar_len)?)?)
+            }
+            b"\xa4data" if data.is_none() => data = Some(next(data_len)?),
+            b"\xa2id" if id.is_none() => {
                 let value = next(msgpack_scalar_len)?;
                 id = Some(match msgpack_text(value) {
                     Some(text) => FrameId::Str(text.to_owned()),
@@ -405,7 +409,7 @@ fn msgpack_publish(bytes: &[u8]) -> Option<Request> {
             _ => return None,
         }
     }
-    if at != bytes.len() || op? != "publish" {
+    if at != bytes.len() || op? != b"\xa7publish" {
         return None;
     }
     // What `validate` makes of a publish with its topic and data, without its op's `String`.
@@ -794,6 +798,14 @@ mod tests {
             map(&[(op, publish), (b"\xc4\x05topic", news), (data, b"\x01")]),
             map(&[(op, publish), (topic, b"\xc4\x04news"), (data, b"\x01")]),
             map(&[(op, b"\xc4\x07publish"), (topic, news), (data, b"\x01")]),
+            // Keys and op spelled as str8, which the fast path leaves to the general one.
+            map(&[(b"\xd9\x02op", publish), (topic, news), (data, b"\x01")]),
+            map(&[(op, b"\xd9\x07publish"), (topic, news), (data, b"\x01")]),
+            map(&[
+                (op, publish),
+                (b"\xd9\x05topic", news),
+                (b"\xd9\x04data", b"\x01"),
+            ]),
         ] {
             assert!(msgpack_publish(&bytes).is_none(), "{bytes:x?}");
             assert_eq!(
