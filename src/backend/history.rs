@@ -191,10 +191,12 @@ impl<T> HistoryIndex<T> {
 
     /// Drops the topic's messages older than the TTL (under the topic's lock).
     pub(crate) fn expire(&self, history: &mut TopicHistory, now: Instant) {
-        while history
-            .head_key()
-            .is_some_and(|at| now.saturating_duration_since(at) >= self.ttl)
-        {
+        // Comparing with a cutoff instead of taking each head's age saves a clock subtraction
+        // per publish. No cutoff (a TTL longer than the clock has run) means none has expired.
+        let Some(cutoff) = now.checked_sub(self.ttl) else {
+            return;
+        };
+        while history.head_key().is_some_and(|at| at <= cutoff) {
             history.pop_front(self, EvictReason::Ttl);
         }
     }
@@ -285,5 +287,61 @@ impl<T> HistoryIndex<T> {
                 return true;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::Data;
+    use crate::model::StreamPosition;
+    use bytes::Bytes;
+
+    #[test]
+    fn a_message_expires_when_its_age_reaches_the_ttl() {
+        let ttl = Duration::from_secs(10);
+        let index: HistoryIndex<()> = HistoryIndex::new(
+            100,
+            ttl,
+            usize::MAX,
+            |_, _| false,
+            Arc::new(Metrics::new(&[])),
+        );
+        let mut history = TopicHistory::default();
+        let start = Instant::now();
+        for (seq, at) in [(1, start), (2, start + Duration::from_secs(1))] {
+            let position = StreamPosition {
+                epoch: "e".into(),
+                seq,
+            };
+            let data = Data::from_json(Bytes::from_static(b"1")).unwrap();
+            let publication = Arc::new(Publication::new("t".into(), &position, data, at));
+            index.retain(&mut history, publication, &Weak::new(), at);
+        }
+        index.expire(&mut history, start + ttl - Duration::from_nanos(1));
+        assert_eq!(history.oldest_seq(), Some(1), "younger than the TTL");
+        index.expire(&mut history, start + ttl);
+        assert_eq!(history.oldest_seq(), Some(2), "exactly the TTL old");
+        index.expire(&mut history, start + ttl + Duration::from_secs(5));
+        assert!(history.is_empty());
+        assert_eq!(index.messages(), 0);
+
+        // A TTL longer than the clock has run expires nothing.
+        let forever: HistoryIndex<()> = HistoryIndex::new(
+            100,
+            Duration::from_secs(u64::MAX / 4),
+            usize::MAX,
+            |_, _| false,
+            Arc::new(Metrics::new(&[])),
+        );
+        let position = StreamPosition {
+            epoch: "e".into(),
+            seq: 1,
+        };
+        let data = Data::from_json(Bytes::from_static(b"1")).unwrap();
+        let publication = Arc::new(Publication::new("t".into(), &position, data, start));
+        forever.retain(&mut history, publication, &Weak::new(), start);
+        forever.expire(&mut history, start + Duration::from_secs(3600));
+        assert_eq!(history.len(), 1);
     }
 }
