@@ -179,7 +179,11 @@ impl ConnectionActor {
         }
     }
 
-    fn handle_request(&mut self, request: Result<Request, FrameError>, ctx: &mut Context<Self>) {
+    fn handle_request(
+        &mut self,
+        request: Result<Request<'_>, FrameError>,
+        ctx: &mut Context<Self>,
+    ) {
         let request = match request {
             Ok(request) => request,
             Err(err) => {

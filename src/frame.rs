@@ -5,6 +5,7 @@
 //! masked, so the same bytes are valid on every connection: a published message is encoded once
 //! per encoding and shared by all of its subscribers.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::io::Write as _;
 use std::time::Duration;
@@ -157,13 +158,13 @@ impl<'de> Deserialize<'de> for FrameId {
 /// A parsed client request, well-formed but not yet checked against the broker's rules (valid
 /// topics, limits).
 #[derive(Debug)]
-pub(crate) struct Request {
+pub(crate) struct Request<'a> {
     pub id: Option<FrameId>,
-    pub op: Op,
+    pub op: Op<'a>,
 }
 
 #[derive(Debug)]
-pub(crate) enum Op {
+pub(crate) enum Op<'a> {
     Subscribe {
         topic: String,
         options: SubscribeOptions,
@@ -172,7 +173,9 @@ pub(crate) enum Op {
         topic: String,
     },
     Publish {
-        topic: String,
+        /// Borrowed from the frame when the publish fast path read it: a publish is served
+        /// before the next frame is read, and the `String` was an allocation per publish.
+        topic: Cow<'a, str>,
         data: Data,
     },
     Ping,
@@ -283,7 +286,7 @@ struct IdOnly {
 }
 
 /// Parses a JSON text frame.
-pub(crate) fn parse_json(text: &str) -> Result<Request, FrameError> {
+pub(crate) fn parse_json(text: &str) -> Result<Request<'static>, FrameError> {
     if !text.trim_start().starts_with('{') {
         return Err(FrameError::new(
             None,
@@ -313,7 +316,7 @@ pub(crate) fn parse_json(text: &str) -> Result<Request, FrameError> {
 }
 
 /// Parses a MessagePack binary frame.
-pub(crate) fn parse_msgpack(bytes: &[u8]) -> Result<Request, FrameError> {
+pub(crate) fn parse_msgpack(bytes: &[u8]) -> Result<Request<'_>, FrameError> {
     let is_map = matches!(bytes.first(), Some(0x80..=0x8f | 0xde | 0xdf));
     if !is_map {
         return Err(FrameError::new(
@@ -347,7 +350,7 @@ pub(crate) fn parse_msgpack(bytes: &[u8]) -> Result<Request, FrameError> {
 
 /// A frame the walk validated, any op: the envelope's fields are decoded; `data` is only skipped
 /// (no tree is built) and then kept as the bytes it came as.
-fn parse_msgpack_envelope(bytes: &[u8]) -> Result<Request, FrameError> {
+fn parse_msgpack_envelope(bytes: &[u8]) -> Result<Request<'static>, FrameError> {
     match rmp_serde::from_slice::<RawFrame<serde::de::IgnoredAny>>(bytes) {
         Ok(raw) => validate(raw.map_data(|_| {
             let data = msgpack_map_value(bytes, b"data").map_or(&[0xc0][..], |d| d);
@@ -373,7 +376,7 @@ fn parse_msgpack_envelope(bytes: &[u8]) -> Result<Request, FrameError> {
 /// is not walked first as a whole (that walk was a further 6% of a publish). None for any other
 /// frame, valid or not: the general path then validates and reads it, and so answers it exactly
 /// as before.
-fn msgpack_publish(bytes: &[u8]) -> Option<Request> {
+fn msgpack_publish(bytes: &[u8]) -> Option<Request<'_>> {
     let (entries, mut at) = match *bytes.first()? {
         b @ 0x80..=0x8f => (usize::from(b & 0x0f), 1),
         0xde => (
@@ -416,13 +419,13 @@ fn msgpack_publish(bytes: &[u8]) -> Option<Request> {
     Some(Request {
         id,
         op: Op::Publish {
-            topic: topic?.to_owned(),
+            topic: Cow::Borrowed(topic?),
             data: Data::Msgpack(Bytes::copy_from_slice(data?)),
         },
     })
 }
 
-fn validate(raw: RawFrame<Data>) -> Result<Request, FrameError> {
+fn validate(raw: RawFrame<Data>) -> Result<Request<'static>, FrameError> {
     let RawFrame {
         op,
         id,
@@ -449,7 +452,10 @@ fn validate(raw: RawFrame<Data>) -> Result<Request, FrameError> {
             let data = data.ok_or_else(|| {
                 bad("publish needs data".into()).naming(NamedTopic::Publish(topic.clone()))
             })?;
-            Op::Publish { topic, data }
+            Op::Publish {
+                topic: Cow::Owned(topic),
+                data,
+            }
         }
         "ping" => Op::Ping,
         "auth" => Op::Auth {
