@@ -8,7 +8,7 @@
 #
 # Each binary runs under valgrind on a free port, with default settings, and gets a paced
 # `crier-bench fanout` (RATE publishes per second for DURATION seconds, SUBSCRIBERS subscribers,
-# 64 B); a second, shorter run is subtracted, so start-up and connection set-up cancel out and
+# 64 B, ENCODING msgpack or json); a second, shorter run is subtracted, so start-up and connection set-up cancel out and
 # what is printed is the instructions of one more delivery. Kernel time is not counted. A paced
 # run reads one publish per syscall, so its count weighs per-read costs more than a saturated
 # run does; compare binaries with it, not with bench/cost.sh's figures.
@@ -25,6 +25,7 @@ RATE=${RATE:-4000}
 DURATION=${DURATION:-4}
 SUBSCRIBERS=${SUBSCRIBERS:-1}
 FUNCTION=${FUNCTION:-}
+ENCODING=${ENCODING:-msgpack}
 binaries=("$@")
 [ ${#binaries[@]} -gt 0 ] || binaries=(target/release/crier)
 command -v valgrind >/dev/null || { echo "instructions.sh: valgrind is needed (Debian package valgrind)" >&2; exit 1; }
@@ -53,7 +54,8 @@ run() {
     done
     local summary
     summary=$(target/release/crier-bench --url "ws://127.0.0.1:$port/ws" fanout \
-        --subscribers "$SUBSCRIBERS" --payload 64 --rate "$RATE" --duration "$2" | head -1)
+        --subscribers "$SUBSCRIBERS" --payload 64 --encoding "$ENCODING" --rate "$RATE" \
+        --duration "$2" | head -1)
     kill -INT "$vg"
     wait "$vg" || true
     local instructions
