@@ -5,6 +5,7 @@
 #   bench/cost.sh "$(pgrep -x crier)" fanout --subscribers 100 --payload 64
 #   bench/cost.sh "$(pgrep -x nats-server)" --target nats-ws --url ws://127.0.0.1:PORT fanout
 #   bench/cost.sh --summary BROKER_PID [crier-bench arguments...]
+#   CRIER_BENCH=/tmp/crier-bench-before bench/cost.sh BROKER_PID fanout   # another load generator
 #
 # Prints {target, subscribers, payload, delivered_per_s} and the two figures; with --summary
 # (what bench/compare.sh uses), crier-bench's whole JSON summary line with the two figures added.
@@ -22,9 +23,10 @@ if [ "${1:-}" = --summary ]; then
 fi
 broker=${1:?usage: bench/cost.sh [--summary] BROKER_PID [crier-bench arguments...]}
 shift
-[ -x target/release/crier-bench ] || cargo build --release -p crier-bench
+bench=${CRIER_BENCH:-target/release/crier-bench}
+[ -x "$bench" ] || cargo build --release -p crier-bench
 
-exec python3 - "$summary_line" "$broker" target/release/crier-bench "$@" <<'PY'
+exec python3 - "$summary_line" "$broker" "$bench" "$@" <<'PY'
 import json, os, subprocess, sys
 
 summary_line, broker, command = sys.argv[1] == "1", sys.argv[2], sys.argv[3:]
