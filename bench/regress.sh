@@ -5,6 +5,7 @@
 #
 #   bench/regress.sh [CRIER_BINARY...]            # default: target/release/crier
 #   REPEAT=7 bench/regress.sh /tmp/crier-before target/release/crier
+#   SUBSCRIBERS=100 REPEAT=9 bench/regress.sh /tmp/crier-before target/release/crier
 #
 # With several binaries the runs alternate between them (a, b, a, b, ...), so that the drift of a
 # shared machine over the minutes of a run falls on all of them alike. Never run it beside another
@@ -13,6 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPEAT=${REPEAT:-5}
 DURATION=${DURATION:-5}
+SUBSCRIBERS=${SUBSCRIBERS:-1 100}
 binaries=("$@")
 [ ${#binaries[@]} -gt 0 ] || binaries=(target/release/crier)
 [ -x target/release/crier ] || cargo build --release -p crier
@@ -38,7 +40,7 @@ done
 
 runs=$(mktemp)
 for _ in $(seq "$REPEAT"); do
-    for subscribers in 1 100; do
+    for subscribers in $SUBSCRIBERS; do
         for i in "${!binaries[@]}"; do
             bench/cost.sh "${pids[$i]}" --url "ws://127.0.0.1:${ports[$i]}/ws" fanout \
                 --subscribers "$subscribers" --payload 64 --duration "$DURATION" |
@@ -51,7 +53,7 @@ python3 - "$runs" "${binaries[@]}" <<'PY'
 import json, statistics, sys
 runs = [json.loads(line) for line in open(sys.argv[1])]
 for crier in sys.argv[2:]:
-    for subscribers in (1, 100):
+    for subscribers in sorted({r["subscribers"] for r in runs}):
         mine = [r for r in runs if r["crier"] == crier and r["subscribers"] == subscribers]
         print(json.dumps({
             "crier": crier, "subscribers": subscribers, "payload": 64, "runs": len(mine),

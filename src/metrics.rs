@@ -179,7 +179,7 @@ impl WaitHistogram {
     #[cfg(test)]
     pub(crate) fn observe(&self, wait: Duration) {
         let mut batch = WaitBatch::default();
-        batch.observe(wait);
+        batch.observe(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX));
         self.add(&batch);
     }
 
@@ -213,8 +213,8 @@ pub(crate) struct WaitBatch {
 }
 
 impl WaitBatch {
-    pub(crate) fn observe(&mut self, wait: Duration) {
-        let nanos = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
+    /// One frame's wait, in nanoseconds.
+    pub(crate) fn observe(&mut self, nanos: u64) {
         if let Some(i) = WAIT_BUCKET_NANOS.iter().position(|&bound| nanos <= bound) {
             self.buckets[i] += 1;
         }
