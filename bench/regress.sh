@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Before/after check for a change to the broker: broker CPU per delivery (bench/cost.sh) at
 # 1 × 64 B and 100 × 64 B, and `crier-bench fanout` delivered/s, each the median of REPEAT runs
-# against a fresh Crier with default settings per binary.
+# against a fresh Crier per binary, with default settings but for the limit of connections per
+# address (the load generator opens them all from one).
 #
 #   bench/regress.sh [CRIER_BINARY...]            # default: target/release/crier
 #   REPEAT=7 bench/regress.sh /tmp/crier-before target/release/crier
@@ -29,7 +30,7 @@ ports=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null' EXIT
 for crier in "${binaries[@]}"; do
     port=$(free_port)
-    "$crier" --listen "127.0.0.1:$port" --log warn &
+    "$crier" --listen "127.0.0.1:$port" --max-connections-per-ip 0 --log warn &
     pids+=($!)
     ports+=("$port")
     for _ in $(seq 50); do
