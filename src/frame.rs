@@ -10,7 +10,7 @@ use std::fmt;
 use std::time::Duration;
 
 use actix_http::ws::OpCode;
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::data::{
@@ -830,7 +830,11 @@ fn finish_frame(opcode: OpCode, mut buf: Vec<u8>) -> Bytes {
     };
     let start = HEADROOM - header_len;
     buf[start..HEADROOM].copy_from_slice(&header[..header_len]);
-    Bytes::from(buf).slice(start..)
+    // Advanced rather than sliced: a slice is a second reference, which makes the buffer shared
+    // (an allocation) even for a frame nothing else will ever point into.
+    let mut frame = Bytes::from(buf);
+    frame.advance(start);
+    frame
 }
 
 /// A server frame's payload decoded into JSON, for tests.

@@ -464,12 +464,19 @@ where
 /// How many bytes of frames the body takes from the queue at once: the HTTP layer's write buffer.
 pub(crate) const TAKE_BYTES: usize = 8 * 1024;
 
+/// The most frames' room the body keeps while it waits (see `OutboundBody::joined`).
+const KEPT_CAPACITY: usize = 32;
+
 /// The body of a WebSocket's 101 response: the connection's outbound frames.
 pub(crate) struct OutboundBody {
     conn: Arc<Connection>,
     /// Frames taken from the queue together and handed to the HTTP layer one by one: at most
     /// [`TAKE_BYTES`], no more than the HTTP layer's own write buffer takes anyway.
     taken: VecDeque<Bytes>,
+    /// Where [`batch`] puts its result before it trades places with `taken`: both keep their
+    /// capacity from batch to batch, so a batch of a hundred frames is not a hundred pushes
+    /// into a queue grown afresh.
+    joined: VecDeque<Bytes>,
     /// Wakes the body when a frame held for a rate slot is due.
     timer: Option<(Instant, Pin<Box<tokio::time::Sleep>>)>,
     /// actix-ws's own body, never polled. actix-ws's `MessageStream` (the read side) keeps reading
@@ -482,6 +489,7 @@ impl OutboundBody {
         OutboundBody {
             conn,
             taken: VecDeque::new(),
+            joined: VecDeque::new(),
             timer: None,
             _ws_body: ws_body,
         }
@@ -505,9 +513,22 @@ impl MessageBody for OutboundBody {
                 return Poll::Ready(Some(Ok(frame)));
             }
             match this.conn.queue.take_frames(cx, &mut this.taken, TAKE_BYTES) {
-                Next::Taken if this.conn.batching => batch(this.conn.encoding, &mut this.taken),
+                Next::Taken if this.conn.batching => {
+                    batch(this.conn.encoding, &mut this.taken, &mut this.joined)
+                }
                 Next::Taken => {}
                 Next::End => return Poll::Ready(None),
+                Next::Wait(due)
+                    if this.taken.capacity().max(this.joined.capacity()) > KEPT_CAPACITY =>
+                {
+                    // Caught up after a burst: a quiet connection does not keep its room.
+                    this.taken = VecDeque::new();
+                    this.joined = VecDeque::new();
+                    if due.is_none() {
+                        return Poll::Pending;
+                    }
+                    // A held frame is due: the next round arms its timer.
+                }
                 Next::Wait(None) => return Poll::Pending,
                 Next::Wait(Some(due)) => {
                     let deadline = tokio::time::Instant::from_std(due);
@@ -534,34 +555,31 @@ impl MessageBody for OutboundBody {
 }
 
 /// Joins each run of consecutive data frames into one WebSocket message; control frames (ping,
-/// pong, close) stay on their own.
-fn batch(encoding: Encoding, frames: &mut VecDeque<Bytes>) {
+/// pong, close) stay on their own. `frames` ends up holding the result and `spare` empty, each
+/// with the capacity it had.
+fn batch(encoding: Encoding, frames: &mut VecDeque<Bytes>, spare: &mut VecDeque<Bytes>) {
     if frames.len() < 2 {
         return;
     }
-    let mut joined = VecDeque::with_capacity(2);
-    let mut run: Vec<Bytes> = Vec::new();
-    for frame in frames.drain(..) {
-        if frame::is_data_frame(&frame) {
-            run.push(frame);
+    spare.clear();
+    let all = frames.make_contiguous();
+    let mut run_start = 0;
+    for i in 0..=all.len() {
+        if all.get(i).is_some_and(|frame| frame::is_data_frame(frame)) {
             continue;
         }
-        flush_run(encoding, &mut run, &mut joined);
-        joined.push_back(frame);
-    }
-    flush_run(encoding, &mut run, &mut joined);
-    *frames = joined;
-}
-
-fn flush_run(encoding: Encoding, run: &mut Vec<Bytes>, out: &mut VecDeque<Bytes>) {
-    match run.len() {
-        0 => {}
-        1 => out.extend(run.drain(..)),
-        _ => {
-            out.push_back(frame::join_frames(encoding, run));
-            run.clear();
+        match &mut all[run_start..i] {
+            [] => {}
+            [single] => spare.push_back(std::mem::take(single)),
+            run => spare.push_back(frame::join_frames(encoding, run)),
         }
+        if let Some(control) = all.get_mut(i) {
+            spare.push_back(std::mem::take(control));
+        }
+        run_start = i + 1;
     }
+    frames.clear();
+    std::mem::swap(frames, spare);
 }
 
 impl Drop for OutboundBody {
@@ -582,6 +600,53 @@ mod tests {
         let mut buf = BytesMut::new();
         Parser::write_message(&mut buf, vec![b'x'; len], op, fin, true);
         buf.to_vec()
+    }
+
+    /// A server frame as the queue holds it: unmasked, with its header.
+    fn server_frame(opcode: u8, payload: &str) -> Bytes {
+        let mut frame = vec![0x80 | opcode, payload.len() as u8];
+        frame.extend_from_slice(payload.as_bytes());
+        Bytes::from(frame)
+    }
+
+    #[test]
+    fn a_batch_joins_each_run_of_data_frames_and_keeps_control_frames_apart_and_in_order() {
+        let text = |i: u32| server_frame(0x1, &format!("{{\"i\":{i}}}"));
+        let pong = server_frame(0xA, "");
+        let close = server_frame(0x8, "");
+        let mut frames = VecDeque::new();
+        // Left over from an earlier batch: it must not reach the socket.
+        let mut spare = VecDeque::from([text(99)]);
+        for round in 0..2 {
+            frames.extend([
+                text(1),
+                text(2),
+                pong.clone(),
+                text(3),
+                close.clone(),
+                text(4),
+                text(5),
+                text(6),
+            ]);
+            batch(Encoding::Json, &mut frames, &mut spare);
+            assert!(spare.is_empty(), "round {round}");
+            let joined: Vec<Bytes> = frames.drain(..).collect();
+            assert_eq!(
+                joined,
+                [
+                    server_frame(0x1, "{\"i\":1}\n{\"i\":2}"),
+                    pong.clone(),
+                    text(3),
+                    close.clone(),
+                    server_frame(0x1, "{\"i\":4}\n{\"i\":5}\n{\"i\":6}"),
+                ],
+                "round {round}"
+            );
+        }
+        // A lone frame is left as it is.
+        frames.push_back(text(7));
+        batch(Encoding::Json, &mut frames, &mut spare);
+        assert_eq!(frames, [text(7)]);
     }
 
     fn guard(limit: usize) -> FrameSizeGuard<()> {
