@@ -133,7 +133,7 @@ impl MemoryBackend {
             self.history.retain(
                 &mut state.history,
                 publication,
-                &Arc::downgrade(t),
+                || Arc::downgrade(t),
                 accepted,
             );
             Published {
