@@ -209,6 +209,11 @@ pub(crate) enum Next {
 /// How many idle `latest` slots a connection keeps before it tidies them away.
 const IDLE_SLOTS_KEPT: usize = 256;
 
+/// The most entries' room (64 bytes each) an emptied queue keeps: past it, a burst's room is
+/// released once the socket has taken everything, so that connections do not each keep what
+/// their deepest moment needed. Below it, a busy connection keeps its room from batch to batch.
+const EMPTY_ENTRIES_KEPT: usize = 1024;
+
 impl OutboundQueue {
     pub(crate) fn new(limit: usize, policy: SlowConsumerPolicy, metrics: Arc<Metrics>) -> Self {
         OutboundQueue {
@@ -540,6 +545,9 @@ impl OutboundQueue {
             waits.observe(stamp.0.saturating_sub(queued.queued_at.0));
             taken.push_back(queued.bytes);
         }
+        if st.frames.is_empty() && st.frames.capacity() > EMPTY_ENTRIES_KEPT {
+            st.frames = VecDeque::new();
+        }
         if moved > 0 {
             st.progress_at = now;
             drop(st);
@@ -741,6 +749,11 @@ impl QueueState {
 
 #[cfg(test)]
 impl OutboundQueue {
+    /// How many entries the queue has room for without growing.
+    pub(crate) fn room(&self) -> usize {
+        self.state.lock().frames.capacity()
+    }
+
     /// Everything ready to go out now, as the socket would take it.
     pub(crate) fn drain_ready(&self) -> Vec<Bytes> {
         let mut cx = Context::from_waker(Waker::noop());
@@ -859,6 +872,33 @@ mod tests {
         let mut totals = crate::metrics::WaitTotals::default();
         q.stats().wait().add_to(&mut totals);
         totals
+    }
+
+    #[test]
+    fn an_emptied_queue_releases_a_bursts_room_and_keeps_a_little() {
+        let q = queue(usize::MAX, SlowConsumerPolicy::DropOldest);
+        for _ in 0..100 {
+            push(&q, Bytes::from_static(b"m"));
+        }
+        let small = q.room();
+        assert!(small >= 100);
+        assert_eq!(drain(&q).len(), 100);
+        assert_eq!(q.room(), small, "a small queue keeps its room");
+
+        for _ in 0..5000 {
+            push(&q, Bytes::from_static(b"m"));
+        }
+        assert!(q.room() >= 5000);
+        // Not yet: frames still wait.
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut taken = VecDeque::new();
+        assert_eq!(q.take_frames(&mut cx, &mut taken, 100), Next::Taken);
+        assert!(q.room() >= 5000);
+        assert_eq!(drain(&q).len(), 5000 - taken.len());
+        assert_eq!(q.room(), 0, "the burst's room is released");
+        // And the queue goes on as before.
+        push(&q, Bytes::from_static(b"after"));
+        assert_eq!(drain(&q), [Bytes::from_static(b"after")]);
     }
 
     #[test]
