@@ -272,9 +272,8 @@ mod tests {
     use super::*;
     use crate::config::SlowConsumerPolicy;
     use crate::metrics::Metrics;
-    use crate::queue::OutboundQueue;
+    use crate::queue::{Moment, OutboundQueue};
     use bytes::Bytes;
-    use std::time::Instant;
 
     #[test]
     fn buffered_buckets_run_from_a_kibibyte_to_the_cap() {
@@ -298,7 +297,7 @@ mod tests {
         ] {
             let queue = OutboundQueue::new(8192, SlowConsumerPolicy::DropOldest, metrics.clone());
             if buffered > 0 {
-                queue.push_message(Bytes::from(vec![0u8; buffered]), ns, Instant::now());
+                queue.push_message(Bytes::from(vec![0u8; buffered]), ns, Moment::now());
             }
             table.insert(Arc::new(Connection::new(
                 None,

@@ -81,8 +81,6 @@ impl QueueStats {
 
 pub(crate) struct OutboundQueue {
     state: Mutex<QueueState>,
-    /// What the queue's [`Stamp`]s count from.
-    created: Instant,
     limit: usize,
     policy: SlowConsumerPolicy,
     stats: QueueStats,
@@ -129,13 +127,37 @@ struct Queued {
 
 const _: () = assert!(std::mem::size_of::<Queued>() == 64);
 
-/// When a frame was queued: nanoseconds since its queue was made, half an `Instant`'s size.
+/// When a frame was queued: nanoseconds since the process's first stamp, half an `Instant`'s
+/// size.
 #[derive(Debug, Clone, Copy)]
 struct Stamp(u64);
 
 impl Stamp {
-    fn since(created: Instant, now: Instant) -> Stamp {
-        Stamp(u64::try_from(now.saturating_duration_since(created).as_nanos()).unwrap_or(u64::MAX))
+    fn of(at: Instant) -> Stamp {
+        static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+        Stamp(u64::try_from(at.saturating_duration_since(*EPOCH).as_nanos()).unwrap_or(u64::MAX))
+    }
+}
+
+/// A moment a frame is queued at: as an `Instant`, for the queue's clock arithmetic, and as the
+/// [`Stamp`] its entry keeps. Turning one into the other is about 90 instructions, so a
+/// publication makes its moment once for all its subscribers ([`Moment::of`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Moment {
+    instant: Instant,
+    stamp: Stamp,
+}
+
+impl Moment {
+    pub(crate) fn of(instant: Instant) -> Moment {
+        Moment {
+            instant,
+            stamp: Stamp::of(instant),
+        }
+    }
+
+    pub(crate) fn now() -> Moment {
+        Moment::of(Instant::now())
     }
 }
 
@@ -230,7 +252,6 @@ impl OutboundQueue {
                 latest: HashMap::new(),
                 due: BinaryHeap::new(),
             }),
-            created: Instant::now(),
             limit,
             policy,
             stats: QueueStats::default(),
@@ -255,9 +276,9 @@ impl OutboundQueue {
         (st.bytes, st.high_water)
     }
 
-    /// Offers a published message's frame, accepted at `now`; never blocks.
+    /// Offers a published message's frame, accepted at `at`; never blocks.
     #[inline]
-    pub(crate) fn push_message(&self, frame: Bytes, ns: Ns, now: Instant) -> Push {
+    pub(crate) fn push_message(&self, frame: Bytes, ns: Ns, at: Moment) -> Push {
         let mut st = self.state.lock();
         if st.phase != Phase::Open {
             return Push::Closed;
@@ -267,7 +288,7 @@ impl OutboundQueue {
             wake(waker);
             return push;
         }
-        let waker = self.enqueue(&mut st, frame, Kind::Message { ns, latest: None }, now);
+        let waker = self.enqueue(&mut st, frame, Kind::Message { ns, latest: None }, at);
         drop(st);
         wake(waker);
         Push::Queued
@@ -280,9 +301,10 @@ impl OutboundQueue {
         frame: Bytes,
         topic: &Arc<str>,
         ns: Ns,
-        now: Instant,
+        at: Moment,
         min_interval: Option<Duration>,
     ) -> Push {
+        let now = at.instant;
         let mut st = self.state.lock();
         if st.phase != Phase::Open {
             return Push::Closed;
@@ -322,7 +344,7 @@ impl OutboundQueue {
             let push = match slot.held.replace(Held {
                 bytes: frame,
                 ns,
-                queued_at: Stamp::since(self.created, now),
+                queued_at: at.stamp,
             }) {
                 Some(older) => {
                     st.bytes = st.bytes - older.bytes.len() + len;
@@ -363,7 +385,7 @@ impl OutboundQueue {
                 ns,
                 latest: Some(topic.clone()),
             },
-            now,
+            at,
         );
         if let Some(slot) = st.latest.get_mut(topic) {
             slot.queued = Some(index);
@@ -422,7 +444,7 @@ impl OutboundQueue {
         let waker = if st.control_bytes + frame.len() > self.limit {
             self.begin_close(&mut st, CloseCode::SLOW_CONSUMER, true)
         } else {
-            self.enqueue(&mut st, frame, Kind::Control, Instant::now())
+            self.enqueue(&mut st, frame, Kind::Control, Moment::now())
         };
         let open = st.phase == Phase::Open;
         drop(st);
@@ -513,7 +535,7 @@ impl OutboundQueue {
             return Next::End;
         }
         let now = Instant::now();
-        let stamp = Stamp::since(self.created, now);
+        let stamp = Stamp::of(now);
         let next_due = st.release_due(now);
         let (mut took, mut moved) = (0, 0);
         let mut waits = WaitBatch::default();
@@ -573,15 +595,9 @@ impl OutboundQueue {
         Next::Wait(next_due)
     }
 
-    fn enqueue(
-        &self,
-        st: &mut QueueState,
-        bytes: Bytes,
-        kind: Kind,
-        now: Instant,
-    ) -> Option<Waker> {
+    fn enqueue(&self, st: &mut QueueState, bytes: Bytes, kind: Kind, at: Moment) -> Option<Waker> {
         if st.frames.is_empty() {
-            st.progress_at = now;
+            st.progress_at = at.instant;
         }
         st.bytes += bytes.len();
         if !matches!(kind, Kind::Message { .. }) {
@@ -590,7 +606,7 @@ impl OutboundQueue {
         st.frames.push_back(Queued {
             bytes,
             kind,
-            queued_at: Stamp::since(self.created, now),
+            queued_at: at.stamp,
         });
         prefetch_next_slot(&st.frames);
         self.publish_size(st);
@@ -613,7 +629,7 @@ impl OutboundQueue {
             st,
             frame::close_frame(code.code, code.reason),
             Kind::Close,
-            Instant::now(),
+            Moment::now(),
         )
     }
 
@@ -831,7 +847,7 @@ mod tests {
     /// Pushes a message frame on the `other` namespace.
     fn push(q: &OutboundQueue, frame: Bytes) -> Push {
         let ns = q.metrics.namespace("t");
-        q.push_message(frame, ns, Instant::now())
+        q.push_message(frame, ns, Moment::now())
     }
 
     /// Takes one frame, as the body would with a one-byte limit.
@@ -855,7 +871,7 @@ mod tests {
             Bytes::from_static(frame),
             topic,
             ns,
-            Instant::now(),
+            Moment::now(),
             interval,
         )
     }
@@ -907,7 +923,7 @@ mod tests {
         let ns = q.metrics.namespace("t");
         let offered = Instant::now();
         assert_eq!(
-            q.push_message(Bytes::from_static(b"m"), ns, offered),
+            q.push_message(Bytes::from_static(b"m"), ns, Moment::of(offered)),
             Push::Queued
         );
         std::thread::sleep(Duration::from_millis(20));

@@ -35,7 +35,7 @@ use crate::model::{
     ConnectionId, DeliveryMode, Encoding, Publication, Replay, StreamPosition, SubscribeOptions,
     Subscribed,
 };
-use crate::queue::Push;
+use crate::queue::{Moment, Push};
 use crate::table::{TopicEntry, TopicTable};
 use crate::topic::Subject;
 use crate::workers::{Handed, WorkerId, WorkerSet, Workers};
@@ -104,14 +104,14 @@ impl Subscriber {
         }
     }
 
-    /// Offers a live publication's frame to the connection, as accepted at `now`.
-    fn offer(&self, publication: &Publication, ns: Ns, now: Instant) -> Push {
-        self.offer_from(&mut Frames::Shared(publication), ns, now)
+    /// Offers a live publication's frame to the connection, as accepted.
+    fn offer(&self, publication: &Publication, ns: Ns) -> Push {
+        self.offer_from(&mut Frames::shared(publication), ns)
     }
 
-    fn offer_from(&self, frames: &mut Frames<'_>, ns: Ns, now: Instant) -> Push {
+    fn offer_from(&self, frames: &mut Frames<'_>, ns: Ns) -> Push {
         let frame = frames.get(self.conn.encoding, self.encoder());
-        self.push(frame, frames.publication(), ns, now)
+        self.push(frame, frames.publication, ns, frames.accepted)
     }
 
     /// Offers the frame of a publication replayed from history; one made now counts on `meter`.
@@ -122,7 +122,7 @@ impl Subscriber {
         meter: Option<&AtomicUsize>,
     ) -> Push {
         let frame = publication.replay_frame(self.conn.encoding, self.encoder(), meter);
-        self.push(frame, publication, ns, Instant::now())
+        self.push(frame, publication, ns, Moment::now())
     }
 
     /// Makes a publication's `message` frame in this connection's encoding.
@@ -131,13 +131,13 @@ impl Subscriber {
         move |p| frame::encode_message(encoding, &p.topic, p.seq, &p.data)
     }
 
-    fn push(&self, frame: Bytes, publication: &Publication, ns: Ns, now: Instant) -> Push {
+    fn push(&self, frame: Bytes, publication: &Publication, ns: Ns, at: Moment) -> Push {
         match self.mode {
-            DeliveryMode::All => self.conn.queue.push_message(frame, ns, now),
+            DeliveryMode::All => self.conn.queue.push_message(frame, ns, at),
             DeliveryMode::Latest { min_interval } => {
                 self.conn
                     .queue
-                    .push_latest(frame, &publication.topic, ns, now, min_interval)
+                    .push_latest(frame, &publication.topic, ns, at, min_interval)
             }
         }
     }
@@ -169,27 +169,39 @@ enum Reach {
     Only(WorkerId),
 }
 
-/// Where a delivery takes a publication's frame from, for each encoding.
-enum Frames<'a> {
-    /// The publication's own, made once and shared by every thread.
-    Shared(&'a Publication),
-    /// A worker's own copies, made on first use: its subscribers' queues and socket writers then
+/// What one delivery of a publication hands each subscriber: its frame for each encoding, and
+/// the moment it was accepted, made once for them all.
+struct Frames<'a> {
+    publication: &'a Publication,
+    /// None: the publication's own frames, made once and shared by every thread. Some: a
+    /// worker's own copies, made on first use: its subscribers' queues and socket writers then
     /// count references on memory no other core writes.
-    Local(&'a Publication, [Option<Bytes>; Encoding::ALL.len()]),
+    copies: Option<[Option<Bytes>; Encoding::ALL.len()]>,
+    accepted: Moment,
 }
 
-impl Frames<'_> {
-    fn publication(&self) -> &Publication {
-        match self {
-            Frames::Shared(p) | Frames::Local(p, _) => p,
+impl<'a> Frames<'a> {
+    fn shared(publication: &'a Publication) -> Self {
+        Frames {
+            publication,
+            copies: None,
+            accepted: Moment::of(publication.published_at),
+        }
+    }
+
+    fn local(publication: &'a Publication) -> Self {
+        Frames {
+            copies: Some(Default::default()),
+            ..Frames::shared(publication)
         }
     }
 
     fn get(&mut self, encoding: Encoding, encode: impl FnOnce(&Publication) -> Bytes) -> Bytes {
-        match self {
-            Frames::Shared(p) => p.frame(encoding, encode),
-            Frames::Local(p, copies) => copies[encoding as usize]
-                .get_or_insert_with(|| Bytes::copy_from_slice(&p.frame(encoding, encode)))
+        let publication = self.publication;
+        match &mut self.copies {
+            None => publication.frame(encoding, encode),
+            Some(copies) => copies[encoding as usize]
+                .get_or_insert_with(|| Bytes::copy_from_slice(&publication.frame(encoding, encode)))
                 .clone(),
         }
     }
@@ -224,7 +236,7 @@ impl ExactRoute {
     fn release(&mut self, replayed: Option<StreamPosition>, ns: Ns) {
         if let Some(held) = self.go_live(replayed) {
             for publication in &held {
-                self.offer_live(publication, &mut Frames::Shared(publication), ns);
+                self.offer_live(publication, &mut Frames::shared(publication), ns);
             }
         }
     }
@@ -249,9 +261,7 @@ impl ExactRoute {
                     // Publications of a topic arrive in seq order: nothing later can be a repeat.
                     *replayed = None;
                 }
-                self.subscriber
-                    .offer_from(frames, ns, publication.published_at)
-                    .accepted()
+                self.subscriber.offer_from(frames, ns).accepted()
             }
         }
     }
@@ -403,8 +413,8 @@ impl TopicState {
             false
         };
         let mut frames = match reach {
-            Reach::Everywhere | Reach::From { .. } => Frames::Shared(publication),
-            Reach::Only(_) => Frames::Local(publication, Default::default()),
+            Reach::Everywhere | Reach::From { .. } => Frames::shared(publication),
+            Reach::Only(_) => Frames::local(publication),
         };
         for route in self.exact.values_mut() {
             if reached(&route.subscriber) && route.offer_live(publication, &mut frames, ns) {
@@ -425,10 +435,7 @@ impl TopicState {
                     .as_ref()
                     .map_or(Admit::Offer, |j| j.admit(publication));
                 let accepted = match admit {
-                    Admit::Offer => route
-                        .subscriber
-                        .offer_from(&mut frames, ns, publication.published_at)
-                        .accepted(),
+                    Admit::Offer => route.subscriber.offer_from(&mut frames, ns).accepted(),
                     Admit::Held => true,
                     Admit::Replayed => false,
                 };
@@ -764,11 +771,11 @@ impl Hub {
                     .is_some_and(|position| p.is_at_or_before(position))
             });
             for publication in &before {
-                route.offer_live(publication, &mut Frames::Shared(publication), ns);
+                route.offer_live(publication, &mut Frames::shared(publication), ns);
             }
             replay_all(&route.subscriber);
             for publication in &after {
-                route.offer_live(publication, &mut Frames::Shared(publication), ns);
+                route.offer_live(publication, &mut Frames::shared(publication), ns);
             }
         });
         Ok(())
@@ -833,7 +840,7 @@ impl Hub {
         }
         join.release(replayed, |publication| {
             let ns = self.metrics.namespace(&publication.topic);
-            subscriber.offer(publication, ns, publication.published_at);
+            subscriber.offer(publication, ns);
         });
         Ok(())
     }
