@@ -782,7 +782,13 @@ impl OutboundQueue {
 thread_local! {
     /// Wakers held back while this thread handles a batch of publishes (see [`coalescing_wakes`]).
     static HELD_WAKERS: std::cell::RefCell<Option<Vec<Waker>>> = const { std::cell::RefCell::new(None) };
+    /// The list of the last batch, emptied, kept for the next: a batch for a hundred subscribers
+    /// otherwise grew a new one seven times.
+    static SPARE_WAKERS: std::cell::Cell<Vec<Waker>> = const { std::cell::Cell::new(Vec::new()) };
 }
+
+/// The most wakers' room [`SPARE_WAKERS`] keeps.
+const SPARE_WAKERS_KEPT: usize = 4096;
 
 /// Wakes `waker` now, or at the end of the batch when called inside [`coalescing_wakes`].
 pub(crate) fn wake(waker: Option<Waker>) {
@@ -809,7 +815,7 @@ pub(crate) fn coalescing_wakes<R>(f: impl FnOnce() -> R) -> R {
         if held.is_some() {
             return false;
         }
-        *held = Some(Vec::new());
+        *held = Some(SPARE_WAKERS.take());
         true
     });
     // Releases the wake-ups even if `f` panics, so that this thread does not hold all its
@@ -818,11 +824,14 @@ pub(crate) fn coalescing_wakes<R>(f: impl FnOnce() -> R) -> R {
     impl Drop for Release {
         fn drop(&mut self) {
             if self.0 {
-                let wakers = HELD_WAKERS
+                let mut wakers = HELD_WAKERS
                     .with(|held| held.borrow_mut().take())
                     .unwrap_or_default();
-                for waker in wakers {
+                for waker in wakers.drain(..) {
                     waker.wake();
+                }
+                if wakers.capacity() <= SPARE_WAKERS_KEPT {
+                    SPARE_WAKERS.set(wakers);
                 }
             }
         }
@@ -1078,6 +1087,32 @@ mod tests {
         );
         wake(waker());
         assert_eq!(count.0.load(Ordering::Relaxed), 2, "no longer held");
+    }
+
+    /// Each batch wakes what it held, once, and the next batch reuses the list's room.
+    #[test]
+    fn consecutive_batches_wake_all_they_held_and_reuse_the_list() {
+        use std::sync::atomic::AtomicUsize;
+        struct Count(AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        for batch in 1..=3 {
+            coalescing_wakes(|| {
+                if batch > 1 {
+                    let room = HELD_WAKERS.with(|held| held.borrow().as_ref().map(Vec::capacity));
+                    assert!(room >= Some(100), "the last batch's list: {room:?}");
+                }
+                for _ in 0..100 {
+                    wake(Some(Waker::from(count.clone())));
+                }
+                assert_eq!(count.0.load(Ordering::Relaxed), (batch - 1) * 100, "held");
+            });
+            assert_eq!(count.0.load(Ordering::Relaxed), batch * 100, "released");
+        }
     }
 
     fn msg(n: usize) -> Bytes {
