@@ -396,6 +396,7 @@ impl OutboundQueue {
 
     /// Applies the slow-consumer policy so that `len` more bytes fit; on refusal, what became of
     /// the message and whom to wake.
+    #[inline]
     fn make_room(
         &self,
         st: &mut QueueState,
@@ -405,6 +406,16 @@ impl OutboundQueue {
         if st.bytes + len <= self.limit {
             return Ok(());
         }
+        self.apply_policy(st, len, ns)
+    }
+
+    #[cold]
+    fn apply_policy(
+        &self,
+        st: &mut QueueState,
+        len: usize,
+        ns: Ns,
+    ) -> Result<(), (Push, Option<Waker>)> {
         match self.policy {
             SlowConsumerPolicy::DropNewest => {
                 self.count_drop(ns, DropReason::BufferFullNewest);
