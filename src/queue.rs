@@ -683,10 +683,8 @@ impl OutboundQueue {
 #[inline]
 fn prefetch_next_slot(frames: &VecDeque<Queued>) {
     #[cfg(target_arch = "x86_64")]
-    {
-        let (front, back) = frames.as_slices();
-        let last = if back.is_empty() { front } else { back };
-        let next = last.as_ptr_range().end;
+    if let Some(last) = frames.back() {
+        let next = std::ptr::from_ref(last).wrapping_add(1);
         // SAFETY: a prefetch is a hint: it reads nothing and cannot fault, whatever the address.
         unsafe {
             std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(next.cast());
