@@ -103,15 +103,20 @@ impl TopicHistory {
     }
 
     fn pop_front<T>(&mut self, index: &HistoryIndex<T>, reason: EvictReason) -> bool {
-        let Some(evicted) = self.entries.pop_front() else {
+        let Some(freed) = self.take_front(index, reason) else {
             return false;
         };
-        index
-            .bytes
-            .fetch_sub(evicted.leave_history(), Ordering::Relaxed);
+        index.bytes.fetch_sub(freed, Ordering::Relaxed);
         index.messages.fetch_sub(1, Ordering::Relaxed);
-        index.metrics.history_evicted(reason);
         true
+    }
+
+    /// Evicts the oldest message, leaving the index's totals to the caller; returns the bytes
+    /// it counted for.
+    fn take_front<T>(&mut self, index: &HistoryIndex<T>, reason: EvictReason) -> Option<usize> {
+        let evicted = self.entries.pop_front()?;
+        index.metrics.history_evicted(reason);
+        Some(evicted.leave_history())
     }
 
     fn head_key(&self) -> Option<Instant> {
@@ -174,12 +179,27 @@ impl<T> HistoryIndex<T> {
         }
         self.expire(history, now);
         let counted = publication.enter_history(ENTRY_OVERHEAD);
-        self.bytes.fetch_add(counted, Ordering::Relaxed);
-        self.messages.fetch_add(1, Ordering::Relaxed);
         history.entries.push_back(publication);
+        // A full history evicts one message per publish: the totals take the difference in one
+        // atomic operation (and the message count none), not one per message each way.
+        let (mut freed, mut evicted) = (0, 0);
         while history.entries.len() > self.size {
-            history.pop_front(self, EvictReason::Size);
+            let Some(bytes) = history.take_front(self, EvictReason::Size) else {
+                break;
+            };
+            freed += bytes;
+            evicted += 1;
         }
+        match counted.cmp(&freed) {
+            CmpOrdering::Greater => self.bytes.fetch_add(counted - freed, Ordering::Relaxed),
+            CmpOrdering::Less => self.bytes.fetch_sub(freed - counted, Ordering::Relaxed),
+            CmpOrdering::Equal => 0,
+        };
+        match evicted {
+            0 => self.messages.fetch_add(1, Ordering::Relaxed),
+            1 => 0,
+            more => self.messages.fetch_sub(more - 1, Ordering::Relaxed),
+        };
         if !history.indexed {
             history.indexed = true;
             if let Some(at) = history.head_key() {
@@ -295,6 +315,42 @@ mod tests {
     use crate::data::Data;
     use crate::model::StreamPosition;
     use bytes::Bytes;
+
+    #[test]
+    fn a_full_history_keeps_its_totals_as_it_evicts() {
+        let index: HistoryIndex<()> = HistoryIndex::new(
+            3,
+            Duration::from_secs(3600),
+            usize::MAX,
+            |_, _| false,
+            Arc::new(Metrics::new(&[])),
+        );
+        let mut history = TopicHistory::default();
+        let now = Instant::now();
+        // Data whose size goes up and down with the seq: what a publish evicts is sometimes
+        // bigger than what it adds, sometimes smaller, and the totals must follow both.
+        let publication = |seq: u64| {
+            let position = StreamPosition {
+                epoch: "e".into(),
+                seq,
+            };
+            let digits = "7".repeat((seq as usize * 7) % 5 * 10 + 1);
+            let data = Data::from_json(Bytes::from(digits)).unwrap();
+            Publication::new("t".into(), &position, data, now)
+        };
+        let counted = |seq: u64| publication(seq).enter_history(ENTRY_OVERHEAD);
+        for seq in 1..=10 {
+            index.retain(&mut history, Arc::new(publication(seq)), Weak::new, now);
+            let kept = seq.saturating_sub(2).max(1)..=seq;
+            assert_eq!(index.messages(), kept.clone().count(), "after {seq}");
+            assert_eq!(
+                index.bytes(),
+                kept.map(counted).sum::<usize>(),
+                "after {seq}"
+            );
+        }
+        assert_eq!(history.oldest_seq(), Some(8));
+    }
 
     #[test]
     fn a_message_expires_when_its_age_reaches_the_ttl() {
