@@ -1068,18 +1068,21 @@ mod tests {
         );
     }
 
+    /// A waker that counts its wake-ups.
+    #[derive(Default)]
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// A publisher that panics while its wake-ups are held back still wakes them, and later
     /// wake-ups on its thread are not held.
     #[test]
     fn held_wakes_are_released_when_the_batch_panics() {
-        use std::sync::atomic::AtomicUsize;
-        struct Count(AtomicUsize);
-        impl std::task::Wake for Count {
-            fn wake(self: Arc<Self>) {
-                self.0.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let count = Arc::new(Count::default());
         let waker = || Some(Waker::from(count.clone()));
         let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             coalescing_wakes(|| {
@@ -1101,14 +1104,7 @@ mod tests {
     /// Each batch wakes what it held, once, and the next batch reuses the list's room.
     #[test]
     fn consecutive_batches_wake_all_they_held_and_reuse_the_list() {
-        use std::sync::atomic::AtomicUsize;
-        struct Count(AtomicUsize);
-        impl std::task::Wake for Count {
-            fn wake(self: Arc<Self>) {
-                self.0.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let count = Arc::new(Count::default());
         for batch in 1..=3 {
             coalescing_wakes(|| {
                 if batch > 1 {
