@@ -19,6 +19,9 @@ pub struct Message {
     topic: Range<usize>,
     data: Range<usize>,
     seq: u64,
+    /// When `data` is a MessagePack `bin`, the length of its header (2, 3 or 5): [`Message::bytes`]
+    /// then slices without reading the value again. 0 otherwise.
+    bin: u8,
 }
 
 impl std::fmt::Debug for Message {
@@ -62,22 +65,17 @@ impl Message {
     /// The bytes of data published with [`crate::Client::publish_bytes`]: a MessagePack `bin`, or
     /// the base64 string a JSON connection receives it as.
     pub fn bytes(&self) -> Result<Bytes, Error> {
-        let raw = self.raw_data();
         match self.encoding {
-            Encoding::Msgpack => {
-                let mut rest = raw;
-                let len = rmp::decode::read_bin_len(&mut rest)
-                    .map_err(|e| Error::Decode(e.to_string()))? as usize;
-                let start = self.data.start + (raw.len() - rest.len());
-                if rest.len() < len {
-                    return Err(Error::Decode("truncated bin".into()));
-                }
-                Ok(self.frame.slice(start..start + len))
+            Encoding::Msgpack if self.bin == 0 => {
+                Err(Error::Decode("the data is not a MessagePack bin".into()))
             }
+            Encoding::Msgpack => Ok(self
+                .frame
+                .slice(self.data.start + usize::from(self.bin)..self.data.end)),
             Encoding::Json => {
                 use base64::Engine as _;
-                let text: String =
-                    serde_json::from_slice(raw).map_err(|e| Error::Decode(e.to_string()))?;
+                let text: String = serde_json::from_slice(self.raw_data())
+                    .map_err(|e| Error::Decode(e.to_string()))?;
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(text)
                     .map_err(|e| Error::Decode(e.to_string()))?;
@@ -177,37 +175,60 @@ pub(crate) fn parse(frame: Bytes, encoding: Encoding) -> Result<Incoming, Error>
     }
 }
 
-/// Parses every frame of a WebSocket message: one, or several on a batching connection (JSON
-/// frames one per line, MessagePack frames back to back).
-pub(crate) fn parse_all(
+/// The frames of one WebSocket message, parsed one by one: one frame, or several on a batching
+/// connection (JSON frames one per line, MessagePack frames back to back). Nothing is collected:
+/// the caller takes each as it comes, so a message frame is moved once on its way to the
+/// application. After a frame that does not parse it yields nothing more (MessagePack frames
+/// have no separator to resynchronise on).
+pub(crate) fn frames(data: Bytes, encoding: Encoding) -> Frames {
+    Frames {
+        data,
+        encoding,
+        start: 0,
+    }
+}
+
+pub(crate) struct Frames {
     data: Bytes,
     encoding: Encoding,
-    out: &mut Vec<Incoming>,
-) -> Result<(), Error> {
-    match encoding {
-        Encoding::Json => {
-            let mut start = 0;
-            while start < data.len() {
+    start: usize,
+}
+
+impl Iterator for Frames {
+    type Item = Result<Incoming, Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let data = &self.data;
+        let parsed = match self.encoding {
+            Encoding::Json => loop {
+                if self.start >= data.len() {
+                    return None;
+                }
+                let start = self.start;
                 let end = data[start..]
                     .iter()
                     .position(|&b| b == b'\n')
                     .map_or(data.len(), |i| start + i);
+                self.start = end + 1;
                 if end > start {
-                    out.push(parse_json(data.slice(start..end))?);
+                    break parse_json(data.slice(start..end));
                 }
-                start = end + 1;
+            },
+            Encoding::Msgpack => {
+                if self.start >= data.len() {
+                    return None;
+                }
+                parse_msgpack(data, self.start).map(|(incoming, end)| {
+                    self.start = end;
+                    incoming
+                })
             }
+        };
+        if parsed.is_err() {
+            self.start = self.data.len();
         }
-        Encoding::Msgpack => {
-            let mut start = 0;
-            while start < data.len() {
-                let (incoming, end) = parse_msgpack(&data, start)?;
-                out.push(incoming);
-                start = end;
-            }
-        }
+        Some(parsed)
     }
-    Ok(())
 }
 
 /// The start of a `message` frame in Crier's own layout: `{"op":"message","topic":"…","seq":…,"data":…}`.
@@ -234,6 +255,7 @@ fn parse_json_message(frame: &Bytes) -> Option<Message> {
         topic: topic_start..topic_start + topic_len,
         data: data_start..data_end,
         seq,
+        bin: 0,
     })
 }
 
@@ -268,6 +290,7 @@ fn parse_json(frame: Bytes) -> Result<Incoming, Error> {
             topic,
             data,
             seq,
+            bin: 0,
         }));
     }
     serde_json::from_slice(&frame)
@@ -277,17 +300,42 @@ fn parse_json(frame: Bytes) -> Result<Incoming, Error> {
 
 /// Reads a MessagePack str (marker and bytes) without checking it is UTF-8; returns its range.
 fn str_range(frame: &[u8], rest: &mut &[u8]) -> Option<std::ops::Range<usize>> {
-    let len = rmp::decode::read_str_len(rest).ok()? as usize;
-    let start = frame.len() - rest.len();
-    *rest = rest.get(len..)?;
+    let (header, len) = str_header(rest)?;
+    let start = frame.len() - rest.len() + header;
+    *rest = rest.get(header + len..)?;
     Some(start..start + len)
 }
 
-/// Steps over one MessagePack value: scalars, strings and `bin` directly (the usual data), the
-/// rest through rmpv.
-fn skip_value(rest: &mut &[u8]) -> Option<()> {
+/// The header of the MessagePack str at the front of `rest`: its length and the string's.
+fn str_header(rest: &[u8]) -> Option<(usize, usize)> {
     let marker = *rest.first()?;
-    let (header, len) = match marker {
+    match marker {
+        0xa0..=0xbf => Some((1, usize::from(marker & 0x1f))),
+        0xd9..=0xdb => value_header(rest),
+        _ => None,
+    }
+}
+
+/// The MessagePack unsigned integer at the front of `rest` (how Crier encodes `seq`), read
+/// without rmp's general reader: the integer and its length. None for any other value.
+fn uint(rest: &[u8]) -> Option<(u64, usize)> {
+    let marker = *rest.first()?;
+    let bytes = |n: usize| rest.get(1..1 + n);
+    Some(match marker {
+        0x00..=0x7f => (u64::from(marker), 1),
+        0xcc => (u64::from(*rest.get(1)?), 2),
+        0xcd => (u64::from(u16::from_be_bytes(bytes(2)?.try_into().ok()?)), 3),
+        0xce => (u64::from(u32::from_be_bytes(bytes(4)?.try_into().ok()?)), 5),
+        0xcf => (u64::from_be_bytes(bytes(8)?.try_into().ok()?), 9),
+        _ => return None,
+    })
+}
+
+/// For a scalar, string or `bin` at the front of `rest`: the length of its header and of its
+/// body. None for any other value (array, map, ext) and for a truncated header.
+fn value_header(rest: &[u8]) -> Option<(usize, usize)> {
+    let marker = *rest.first()?;
+    Some(match marker {
         0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (1, 0),
         0xa0..=0xbf => (1, usize::from(marker & 0x1f)),
         0xcc | 0xd0 => (2, 0),
@@ -303,13 +351,28 @@ fn skip_value(rest: &mut &[u8]) -> Option<()> {
             5,
             u32::from_be_bytes(rest.get(1..5)?.try_into().ok()?) as usize,
         ),
-        _ => {
-            rmpv::decode::read_value_ref(rest).ok()?;
-            return Some(());
+        _ => return None,
+    })
+}
+
+/// Steps over one MessagePack value: scalars, strings and `bin` directly (the usual data), the
+/// rest through rmpv. Returns the length of its header when it is a `bin` (0 otherwise).
+fn skip_value(rest: &mut &[u8]) -> Option<u8> {
+    match value_header(rest) {
+        Some((header, len)) => {
+            let bin = if matches!(rest[0], 0xc4..=0xc6) {
+                header as u8
+            } else {
+                0
+            };
+            *rest = rest.get(header + len..)?;
+            Some(bin)
         }
-    };
-    *rest = rest.get(header + len..)?;
-    Some(())
+        None => {
+            rmpv::decode::read_value_ref(rest).ok()?;
+            Some(0)
+        }
+    }
 }
 
 /// Crier encodes every `message` frame the same way: a map of `op`, `topic`, `seq`, `data`, in
@@ -322,10 +385,10 @@ fn parse_msgpack_message(data: &Bytes, start: usize) -> Option<(Message, usize)>
     let mut rest = frame.get(start..)?.strip_prefix(MSGPACK_MESSAGE_PREFIX)?;
     let topic = str_range(frame, &mut rest)?;
     rest = rest.strip_prefix(b"\xa3seq")?;
-    let seq = rmp::decode::read_int(&mut rest).ok()?;
-    rest = rest.strip_prefix(b"\xa4data")?;
+    let (seq, len) = uint(rest)?;
+    rest = rest[len..].strip_prefix(b"\xa4data")?;
     let data_start = frame.len() - rest.len();
-    skip_value(&mut rest)?;
+    let bin = skip_value(&mut rest)?;
     let end = frame.len() - rest.len();
     let message = Message {
         frame: data.clone(),
@@ -333,6 +396,7 @@ fn parse_msgpack_message(data: &Bytes, start: usize) -> Option<(Message, usize)>
         topic,
         data: data_start..end,
         seq,
+        bin,
     };
     Some((message, end))
 }
@@ -347,6 +411,7 @@ fn parse_msgpack(data: &Bytes, start: usize) -> Result<(Incoming, usize), Error>
     let mut rest: &[u8] = frame.get(start..).ok_or_else(|| bad("truncated"))?;
     let entries = rmp::decode::read_map_len(&mut rest).map_err(|_| bad("not a map"))?;
     let (mut op, mut topic, mut seq, mut payload) = (None, None, None, None);
+    let mut bin = 0;
     for _ in 0..entries {
         let key = str_range(frame, &mut rest).ok_or_else(|| bad("a key is not a string"))?;
         let value_start = frame.len() - rest.len();
@@ -356,9 +421,10 @@ fn parse_msgpack(data: &Bytes, start: usize) -> Result<(Incoming, usize), Error>
             b"topic" => topic = Some(str_range(frame, &mut rest).ok_or_else(|| bad("topic"))?),
             b"seq" => seq = Some(rmp::decode::read_int(&mut rest).map_err(|_| bad("seq"))?),
             key => {
-                skip_value(&mut rest).ok_or_else(|| bad("a value"))?;
+                let value_bin = skip_value(&mut rest).ok_or_else(|| bad("a value"))?;
                 if key == b"data" {
                     payload = Some(value_start..frame.len() - rest.len());
+                    bin = value_bin;
                 }
             }
         }
@@ -374,6 +440,7 @@ fn parse_msgpack(data: &Bytes, start: usize) -> Result<(Incoming, usize), Error>
             topic,
             data: data_range,
             seq,
+            bin,
         };
         return Ok((Incoming::Message(message), end));
     }
@@ -600,8 +667,7 @@ mod tests {
     #[test]
     fn batched_messages_are_all_parsed() {
         let json = Bytes::from_static(b"{\"op\":\"message\",\"topic\":\"a\",\"seq\":1,\"data\":1}\n{\"op\":\"pong\",\"id\":4}\n{\"op\":\"message\",\"topic\":\"b\",\"seq\":2,\"data\":[2]}");
-        let mut out = Vec::new();
-        parse_all(json, Encoding::Json, &mut out).unwrap();
+        let out: Vec<Incoming> = frames(json, Encoding::Json).map(Result::unwrap).collect();
         assert_eq!(out.len(), 3);
         assert!(matches!(
             &out[1],
@@ -621,8 +687,9 @@ mod tests {
                 .unwrap(),
             );
         }
-        let mut out = Vec::new();
-        parse_all(Bytes::from(mp), Encoding::Msgpack, &mut out).unwrap();
+        let out: Vec<Incoming> = frames(Bytes::from(mp), Encoding::Msgpack)
+            .map(Result::unwrap)
+            .collect();
         let seqs: Vec<u64> = out
             .iter()
             .map(|i| match i {
@@ -677,6 +744,98 @@ mod tests {
             panic!("message expected")
         };
         assert_eq!((m.topic(), m.seq(), m.raw_data()), ("z", 3, &b"1"[..]));
+    }
+
+    #[test]
+    fn every_width_of_seq_and_bin_reads_alike_on_both_paths() {
+        for (seq, len) in [
+            (5u64, 3usize),
+            (200, 255),
+            (60_000, 300),
+            (70_000, 70_000),
+            (u64::MAX, 0),
+        ] {
+            let body: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let mut fast = Vec::new();
+            rmp::encode::write_map_len(&mut fast, 4).unwrap();
+            for (k, v) in [("op", "message"), ("topic", "a.b")] {
+                rmp::encode::write_str(&mut fast, k).unwrap();
+                rmp::encode::write_str(&mut fast, v).unwrap();
+            }
+            rmp::encode::write_str(&mut fast, "seq").unwrap();
+            rmp::encode::write_uint(&mut fast, seq).unwrap();
+            rmp::encode::write_str(&mut fast, "data").unwrap();
+            rmp::encode::write_bin(&mut fast, &body).unwrap();
+            // The same fields in another order take the general path.
+            let mut general = Vec::new();
+            rmp::encode::write_map_len(&mut general, 4).unwrap();
+            rmp::encode::write_str(&mut general, "data").unwrap();
+            rmp::encode::write_bin(&mut general, &body).unwrap();
+            rmp::encode::write_str(&mut general, "seq").unwrap();
+            rmp::encode::write_uint(&mut general, seq).unwrap();
+            for (k, v) in [("topic", "a.b"), ("op", "message")] {
+                rmp::encode::write_str(&mut general, k).unwrap();
+                rmp::encode::write_str(&mut general, v).unwrap();
+            }
+            let fast = Bytes::from(fast);
+            assert!(parse_msgpack_message(&fast, 0).is_some(), "seq {seq}");
+            assert!(parse_msgpack_message(&Bytes::from(general.clone()), 0).is_none());
+            for frame in [fast, Bytes::from(general)] {
+                let m = message(parse(frame, Encoding::Msgpack).unwrap());
+                assert_eq!((m.topic(), m.seq()), ("a.b", seq));
+                assert_eq!(&m.bytes().unwrap()[..], &body[..], "seq {seq}, {len} bytes");
+            }
+        }
+        // Data that is not a bin has no bytes, on either path.
+        let not_bin = serde_json::json!({"op": "message", "topic": "t", "seq": 1, "data": "text"});
+        let m = message(
+            parse(
+                Bytes::from(rmp_serde::to_vec_named(&not_bin).unwrap()),
+                Encoding::Msgpack,
+            )
+            .unwrap(),
+        );
+        assert!(matches!(m.bytes(), Err(Error::Decode(_))));
+        // A truncated bin is a bad frame, not a message pointing past the end.
+        let mut truncated = Vec::new();
+        rmp::encode::write_map_len(&mut truncated, 4).unwrap();
+        for (k, v) in [("op", "message"), ("topic", "t")] {
+            rmp::encode::write_str(&mut truncated, k).unwrap();
+            rmp::encode::write_str(&mut truncated, v).unwrap();
+        }
+        rmp::encode::write_str(&mut truncated, "seq").unwrap();
+        rmp::encode::write_uint(&mut truncated, 1).unwrap();
+        rmp::encode::write_str(&mut truncated, "data").unwrap();
+        rmp::encode::write_bin_len(&mut truncated, 10).unwrap();
+        truncated.extend_from_slice(b"short");
+        assert!(parse(Bytes::from(truncated), Encoding::Msgpack).is_err());
+    }
+
+    #[test]
+    fn frames_stop_after_one_that_does_not_parse() {
+        let mut batch = rmp_serde::to_vec_named(
+            &serde_json::json!({"op": "message", "topic": "a", "seq": 1, "data": 1}),
+        )
+        .unwrap();
+        batch.push(0xc1); // never used in MessagePack
+        batch.extend(
+            rmp_serde::to_vec_named(
+                &serde_json::json!({"op": "message", "topic": "b", "seq": 2, "data": 2}),
+            )
+            .unwrap(),
+        );
+        let results: Vec<_> = frames(Bytes::from(batch), Encoding::Msgpack).collect();
+        assert_eq!(results.len(), 2);
+        assert!(matches!(results[0], Ok(Incoming::Message(_))));
+        assert!(results[1].is_err());
+        // JSON lines: empty lines are skipped.
+        let json = Bytes::from_static(b"\n{\"op\":\"pong\",\"id\":1}\n\n");
+        let results: Vec<_> = frames(json, Encoding::Json).collect();
+        assert_eq!(results.len(), 1);
+        assert!(matches!(
+            results[0],
+            Ok(Incoming::Control(Control::Pong { id: Some(1) }))
+        ));
     }
 
     #[test]

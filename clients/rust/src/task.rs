@@ -351,8 +351,6 @@ pub(crate) struct Task {
     events: mpsc::Sender<Vec<Event>>,
     /// Events not yet handed over.
     batch: Vec<Event>,
-    /// Frames of the WebSocket message being handled.
-    parsed: Vec<frame::Incoming>,
     pending: HashMap<u64, Pending>,
     next_id: u64,
     subscriptions: HashMap<String, Subscription>,
@@ -377,7 +375,6 @@ impl Task {
             commands,
             events,
             batch: Vec::new(),
-            parsed: Vec::new(),
             pending: HashMap::new(),
             next_id: 1,
             subscriptions: HashMap::new(),
@@ -564,25 +561,23 @@ impl Task {
                             WsMessage::Close(close) => return self.lost(Error::Closed(close.map(close_info))).await,
                             _ => Default::default(),
                         };
-                        if let Err(e) = frame::parse_all(data, self.encoding(), &mut self.parsed) {
-                            tracing::warn!(error = %e, "ignoring a frame Crier should not have sent");
-                        }
-                        // Reused from message to message: no allocation per message.
-                        let mut parsed = std::mem::take(&mut self.parsed);
-                        for incoming in parsed.drain(..) {
+                        for incoming in frame::frames(data, self.encoding()) {
                             let more = match incoming {
-                                Incoming::Message(message) => {
+                                Ok(Incoming::Message(message)) => {
                                     self.message(message);
                                     true
                                 }
-                                control => self.incoming(control).await,
+                                Ok(control) => self.incoming(control).await,
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "ignoring a frame Crier should not have sent");
+                                    true
+                                }
                             };
                             if !more {
                                 let _ = ws.close(None).await;
                                 return End::Shutdown;
                             }
                         }
-                        self.parsed = parsed;
                         taken += 1;
                         if self.batch.len() >= BATCH && !self.deliver().await {
                             let _ = ws.close(None).await;
