@@ -140,9 +140,7 @@ pub struct Limits {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub(crate) enum Control {
-    /// Boxed: once per connection, and three times the size of the others, it would make every
-    /// parsed frame (a message, most of all) that much bigger to move.
-    Welcome(Box<Welcome>),
+    Welcome(Welcome),
     Ack {
         id: u64,
         seq: Option<u64>,
@@ -164,7 +162,8 @@ pub(crate) enum Control {
 
 pub(crate) enum Incoming {
     Message(Message),
-    Control(Control),
+    /// Boxed: rare, and bigger than a message, which would otherwise be moved at its size.
+    Control(Box<Control>),
 }
 
 /// Parses one server frame (the payload of a WebSocket message).
@@ -294,7 +293,7 @@ fn parse_json(frame: Bytes) -> Result<Incoming, Error> {
         }));
     }
     serde_json::from_slice(&frame)
-        .map(Incoming::Control)
+        .map(|control| Incoming::Control(Box::new(control)))
         .map_err(|e| Error::Protocol(format!("bad {} frame: {e}", peek.op)))
 }
 
@@ -446,7 +445,7 @@ fn parse_msgpack(data: &Bytes, start: usize) -> Result<(Incoming, usize), Error>
     }
     let control = rmp_serde::from_slice(&frame[start..end])
         .map_err(|e| Error::Protocol(format!("bad frame: {e}")))?;
-    Ok((Incoming::Control(control), end))
+    Ok((Incoming::Control(Box::new(control)), end))
 }
 
 /// The data of a publish, encoded for the connection's encoding.
@@ -604,6 +603,13 @@ mod tests {
         }
     }
 
+    fn control(incoming: Incoming) -> Control {
+        match incoming {
+            Incoming::Control(c) => *c,
+            Incoming::Message(m) => panic!("expected a control frame, got {m:?}"),
+        }
+    }
+
     #[test]
     fn message_frames_are_parsed_in_place() {
         let json =
@@ -667,16 +673,14 @@ mod tests {
     #[test]
     fn batched_messages_are_all_parsed() {
         let json = Bytes::from_static(b"{\"op\":\"message\",\"topic\":\"a\",\"seq\":1,\"data\":1}\n{\"op\":\"pong\",\"id\":4}\n{\"op\":\"message\",\"topic\":\"b\",\"seq\":2,\"data\":[2]}");
-        let out: Vec<Incoming> = frames(json, Encoding::Json).map(Result::unwrap).collect();
+        let mut out: Vec<Incoming> = frames(json, Encoding::Json).map(Result::unwrap).collect();
         assert_eq!(out.len(), 3);
-        assert!(matches!(
-            &out[1],
-            Incoming::Control(Control::Pong { id: Some(4) })
-        ));
-        let Incoming::Message(m) = &out[2] else {
-            panic!("message expected")
-        };
+        let m = message(out.pop().unwrap());
         assert_eq!((m.topic(), m.seq(), m.raw_data()), ("b", 2, &b"[2]"[..]));
+        assert!(matches!(
+            control(out.pop().unwrap()),
+            Control::Pong { id: Some(4) }
+        ));
 
         let mut mp = Vec::new();
         for (topic, seq) in [("a", 1), ("b", 2)] {
@@ -830,11 +834,11 @@ mod tests {
         assert!(results[1].is_err());
         // JSON lines: empty lines are skipped.
         let json = Bytes::from_static(b"\n{\"op\":\"pong\",\"id\":1}\n\n");
-        let results: Vec<_> = frames(json, Encoding::Json).collect();
+        let mut results: Vec<_> = frames(json, Encoding::Json).collect();
         assert_eq!(results.len(), 1);
         assert!(matches!(
-            results[0],
-            Ok(Incoming::Control(Control::Pong { id: Some(1) }))
+            control(results.pop().unwrap().unwrap()),
+            Control::Pong { id: Some(1) }
         ));
     }
 
@@ -842,12 +846,12 @@ mod tests {
     fn control_frames() {
         let ack =
             Bytes::from_static(br#"{"op":"ack","id":3,"seq":0,"epoch":"e","recovered":true}"#);
-        let Incoming::Control(Control::Ack {
+        let Control::Ack {
             id,
             seq,
             epoch,
             recovered,
-        }) = parse(ack, Encoding::Json).unwrap()
+        } = control(parse(ack, Encoding::Json).unwrap())
         else {
             panic!("ack expected")
         };
@@ -858,8 +862,8 @@ mod tests {
         let error = serde_json::json!({"op": "error", "code": "bad_frame", "message": "no"});
         let frame = Bytes::from(rmp_serde::to_vec_named(&error).unwrap());
         assert!(matches!(
-            parse(frame, Encoding::Msgpack).unwrap(),
-            Incoming::Control(Control::Error { id: None, .. })
+            control(parse(frame, Encoding::Msgpack).unwrap()),
+            Control::Error { id: None, .. }
         ));
         assert!(parse(Bytes::from_static(b"[1]"), Encoding::Json).is_err());
         assert!(parse(Bytes::from_static(&[0x91, 0x01]), Encoding::Msgpack).is_err());

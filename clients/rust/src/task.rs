@@ -147,9 +147,13 @@ impl Dial {
             .map_err(|_| Error::Timeout)?;
         match first {
             Some(Ok(message @ (WsMessage::Text(_) | WsMessage::Binary(_)))) => {
-                match frame::parse(message.into_data(), self.encoding)? {
-                    Incoming::Control(Control::Welcome(welcome)) => Ok((ws, *welcome)),
-                    _ => Err(Error::Protocol("the first frame is not a welcome".into())),
+                if let Incoming::Control(control) =
+                    frame::parse(message.into_data(), self.encoding)?
+                    && let Control::Welcome(welcome) = *control
+                {
+                    Ok((ws, welcome))
+                } else {
+                    Err(Error::Protocol("the first frame is not a welcome".into()))
                 }
             }
             Some(Ok(WsMessage::Close(close))) => Err(Error::Closed(close.map(close_info))),
@@ -567,7 +571,7 @@ impl Task {
                                     self.message(message);
                                     true
                                 }
-                                Ok(control) => self.incoming(control).await,
+                                Ok(Incoming::Control(control)) => self.control(*control).await,
                                 Err(e) => {
                                     tracing::warn!(error = %e, "ignoring a frame Crier should not have sent");
                                     true
@@ -751,18 +755,14 @@ impl Task {
         }
     }
 
-    async fn incoming(&mut self, incoming: Incoming) -> bool {
-        match incoming {
-            Incoming::Message(message) => {
-                self.message(message);
-                self.batch.len() < BATCH || self.deliver().await
-            }
-            Incoming::Control(Control::Ack {
+    async fn control(&mut self, control: Control) -> bool {
+        match control {
+            Control::Ack {
                 id,
                 seq,
                 epoch,
                 recovered,
-            }) => {
+            } => {
                 let reply = Reply {
                     seq,
                     epoch,
@@ -808,18 +808,18 @@ impl Task {
                 }
                 true
             }
-            Incoming::Control(Control::Pong { id: Some(id) }) => {
+            Control::Pong { id: Some(id) } => {
                 if let Some(Pending::Request(responder)) = self.pending.remove(&id) {
                     let _ = responder.send(Ok(Reply::default()));
                 }
                 true
             }
-            Incoming::Control(Control::Error {
+            Control::Error {
                 id: Some(id),
                 code,
                 message,
                 ..
-            }) => {
+            } => {
                 let error = Error::Server {
                     code: code.into(),
                     message,
@@ -855,12 +855,12 @@ impl Task {
                 }
                 true
             }
-            Incoming::Control(Control::Error {
+            Control::Error {
                 id: None,
                 code,
                 message,
                 topic: Some(topic),
-            }) => {
+            } => {
                 // A fresh token no longer grants it: the server has ended it.
                 self.subscriptions.remove(&topic);
                 self.emit(Event::SubscriptionEnded {
@@ -870,19 +870,19 @@ impl Task {
                 })
                 .await
             }
-            Incoming::Control(Control::Error {
+            Control::Error {
                 id: None,
                 code,
                 message,
                 topic: None,
-            }) => {
+            } => {
                 self.emit(Event::ServerError {
                     code: code.into(),
                     message,
                 })
                 .await
             }
-            Incoming::Control(Control::Pong { id: None } | Control::Welcome(_)) => true,
+            Control::Pong { id: None } | Control::Welcome(_) => true,
         }
     }
 
