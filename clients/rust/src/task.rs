@@ -736,7 +736,6 @@ impl Task {
         self.send(ws, bytes).await.map_err(End::Lost)
     }
 
-    /// Handles a server frame; false once the application has gone.
     /// Notes a message's position for recovery and queues it, without awaiting anything: this
     /// is the per-message path.
     fn message(&mut self, message: crate::Message) {
@@ -755,6 +754,7 @@ impl Task {
         }
     }
 
+    /// Handles a server frame other than a message; false once the application has gone.
     async fn control(&mut self, control: Control) -> bool {
         match control {
             Control::Ack {
