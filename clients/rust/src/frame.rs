@@ -603,6 +603,20 @@ mod tests {
         }
     }
 
+    /// A MessagePack `message` frame in Crier's layout, up to and including the `data` key.
+    fn msgpack_message_head(topic: &str, seq: u64) -> Vec<u8> {
+        let mut m = Vec::new();
+        rmp::encode::write_map_len(&mut m, 4).unwrap();
+        for (k, v) in [("op", "message"), ("topic", topic)] {
+            rmp::encode::write_str(&mut m, k).unwrap();
+            rmp::encode::write_str(&mut m, v).unwrap();
+        }
+        rmp::encode::write_str(&mut m, "seq").unwrap();
+        rmp::encode::write_uint(&mut m, seq).unwrap();
+        rmp::encode::write_str(&mut m, "data").unwrap();
+        m
+    }
+
     fn control(incoming: Incoming) -> Control {
         match incoming {
             Incoming::Control(c) => *c,
@@ -648,18 +662,7 @@ mod tests {
             let data = &frame[data_start..frame.len() - usize::from(encoding == Encoding::Json)];
             let mut message = match encoding {
                 Encoding::Json => br#"{"op":"message","topic":"t","seq":1,"data":"#.to_vec(),
-                Encoding::Msgpack => {
-                    let mut m = Vec::new();
-                    rmp::encode::write_map_len(&mut m, 4).unwrap();
-                    for (k, v) in [("op", "message"), ("topic", "t")] {
-                        rmp::encode::write_str(&mut m, k).unwrap();
-                        rmp::encode::write_str(&mut m, v).unwrap();
-                    }
-                    rmp::encode::write_str(&mut m, "seq").unwrap();
-                    rmp::encode::write_uint(&mut m, 1).unwrap();
-                    rmp::encode::write_str(&mut m, "data").unwrap();
-                    m
-                }
+                Encoding::Msgpack => msgpack_message_head("t", 1),
             };
             message.extend_from_slice(data);
             if encoding == Encoding::Json {
@@ -760,15 +763,7 @@ mod tests {
             (u64::MAX, 0),
         ] {
             let body: Vec<u8> = (0..len).map(|i| i as u8).collect();
-            let mut fast = Vec::new();
-            rmp::encode::write_map_len(&mut fast, 4).unwrap();
-            for (k, v) in [("op", "message"), ("topic", "a.b")] {
-                rmp::encode::write_str(&mut fast, k).unwrap();
-                rmp::encode::write_str(&mut fast, v).unwrap();
-            }
-            rmp::encode::write_str(&mut fast, "seq").unwrap();
-            rmp::encode::write_uint(&mut fast, seq).unwrap();
-            rmp::encode::write_str(&mut fast, "data").unwrap();
+            let mut fast = msgpack_message_head("a.b", seq);
             rmp::encode::write_bin(&mut fast, &body).unwrap();
             // The same fields in another order take the general path.
             let mut general = Vec::new();
@@ -801,15 +796,7 @@ mod tests {
         );
         assert!(matches!(m.bytes(), Err(Error::Decode(_))));
         // A truncated bin is a bad frame, not a message pointing past the end.
-        let mut truncated = Vec::new();
-        rmp::encode::write_map_len(&mut truncated, 4).unwrap();
-        for (k, v) in [("op", "message"), ("topic", "t")] {
-            rmp::encode::write_str(&mut truncated, k).unwrap();
-            rmp::encode::write_str(&mut truncated, v).unwrap();
-        }
-        rmp::encode::write_str(&mut truncated, "seq").unwrap();
-        rmp::encode::write_uint(&mut truncated, 1).unwrap();
-        rmp::encode::write_str(&mut truncated, "data").unwrap();
+        let mut truncated = msgpack_message_head("t", 1);
         rmp::encode::write_bin_len(&mut truncated, 10).unwrap();
         truncated.extend_from_slice(b"short");
         assert!(parse(Bytes::from(truncated), Encoding::Msgpack).is_err());
