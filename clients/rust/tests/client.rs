@@ -200,6 +200,29 @@ async fn server_errors_are_typed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn urls_that_cannot_be_dialled_are_connect_errors() {
+    let server = TestServer::start();
+    // Not a WebSocket URL: refused before any connection is made.
+    let error = Client::connect(&format!("http://{}/ws", server.addr))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&error, Error::Connect(why) if why.contains("not a ws:// or wss:// URL")),
+        "{error:?}"
+    );
+    // Nobody listening.
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let error = Client::connect(&format!("ws://{addr}/ws"))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(&error, Error::Connect(_)), "{error:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_shutdown_ends_a_client_that_does_not_reconnect() {
     let server = TestServer::start();
     let mut client = Client::connect(&url(&server)).await.unwrap();
