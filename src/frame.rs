@@ -6,6 +6,7 @@
 //! per encoding and shared by all of its subscribers.
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::fmt;
 use std::time::Duration;
 
@@ -796,19 +797,66 @@ pub(crate) fn is_data_frame(frame: &[u8]) -> bool {
     matches!(frame.first().map(|b| b & 0x0f), Some(0x1 | 0x2))
 }
 
-/// Joins data frames into one WebSocket message, for connections that asked for batches: JSON
-/// frames one per line, MessagePack frames back to back.
-pub(crate) fn join_frames(encoding: Encoding, frames: &[Bytes]) -> Bytes {
-    let len: usize = frames.iter().map(|f| payload_of_frame(f).len() + 1).sum();
-    let mut buf = Vec::with_capacity(HEADROOM + len);
-    buf.resize(HEADROOM, 0);
-    for (i, frame) in frames.iter().enumerate() {
-        if i > 0 && encoding == Encoding::Json {
-            buf.push(b'\n');
+/// Joins each run of data frames into one WebSocket message, for connections that asked for
+/// batches: JSON frames one per line, MessagePack frames back to back. Control frames (ping,
+/// pong, close) stay on their own and in their place; a run of one frame is left as it is.
+///
+/// Frames are copied in as the queue hands them over, so the socket's writer reads each one
+/// once, while it is taken, instead of queuing it and making two more passes to size and join
+/// the run.
+pub(crate) struct FrameJoin {
+    encoding: Encoding,
+    /// The room a run is given when it starts: the most a batch takes, so that a run is not
+    /// grown while it is copied.
+    capacity: usize,
+    /// The run's first frame, kept whole until a second one comes.
+    first: Option<Bytes>,
+    /// The run so far, after [`HEADROOM`] for its header, once it has two frames.
+    run: Vec<u8>,
+}
+
+impl FrameJoin {
+    pub(crate) fn new(encoding: Encoding, capacity: usize) -> FrameJoin {
+        FrameJoin {
+            encoding,
+            capacity,
+            first: None,
+            run: Vec::new(),
         }
-        buf.extend_from_slice(payload_of_frame(frame));
     }
-    finish_frame(opcode(encoding), buf)
+
+    /// Adds the next frame; what it completes goes to `out`.
+    pub(crate) fn push(&mut self, frame: Bytes, out: &mut VecDeque<Bytes>) {
+        if !is_data_frame(&frame) {
+            self.finish(out);
+            out.push_back(frame);
+            return;
+        }
+        if let Some(first) = self.first.take() {
+            let mut run =
+                Vec::with_capacity(HEADROOM + self.capacity.max(first.len() + frame.len()));
+            run.resize(HEADROOM, 0);
+            run.extend_from_slice(payload_of_frame(&first));
+            self.run = run;
+        } else if self.run.is_empty() {
+            self.first = Some(frame);
+            return;
+        }
+        if self.encoding == Encoding::Json {
+            self.run.push(b'\n');
+        }
+        self.run.extend_from_slice(payload_of_frame(&frame));
+    }
+
+    /// Ends the run under way, if any, into `out`.
+    pub(crate) fn finish(&mut self, out: &mut VecDeque<Bytes>) {
+        if let Some(first) = self.first.take() {
+            out.push_back(first);
+        } else if !self.run.is_empty() {
+            let run = std::mem::take(&mut self.run);
+            out.push_back(finish_frame(opcode(self.encoding), run));
+        }
+    }
 }
 
 /// Writes the WebSocket header (final, unmasked) into the headroom in front of the payload.
@@ -1126,7 +1174,13 @@ mod tests {
                 encode_message(encoding, "a", 1, &data),
                 encode_message(encoding, "b", 2, &data),
             ];
-            let joined = join_frames(encoding, &frames);
+            let mut joined = VecDeque::new();
+            let mut join = FrameJoin::new(encoding, 0);
+            for frame in frames {
+                join.push(frame, &mut joined);
+            }
+            join.finish(&mut joined);
+            let [joined] = <[Bytes; 1]>::try_from(Vec::from(joined)).unwrap();
             assert!(is_data_frame(&joined) && !is_data_frame(&ping_frame()));
             let payload = payload_of(&joined);
             let values: Vec<serde_json::Value> = match encoding {

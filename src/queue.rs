@@ -79,6 +79,17 @@ impl QueueStats {
     }
 }
 
+/// Where [`OutboundQueue::take_frames`] puts the frames it takes, in order.
+pub(crate) trait FrameSink {
+    fn put(&mut self, frame: Bytes);
+}
+
+impl FrameSink for VecDeque<Bytes> {
+    fn put(&mut self, frame: Bytes) {
+        self.push_back(frame);
+    }
+}
+
 pub(crate) struct OutboundQueue {
     state: Mutex<QueueState>,
     limit: usize,
@@ -538,7 +549,7 @@ impl OutboundQueue {
     pub(crate) fn take_frames(
         &self,
         cx: &mut Context<'_>,
-        taken: &mut VecDeque<Bytes>,
+        taken: &mut impl FrameSink,
         limit: usize,
     ) -> Next {
         let mut st = self.state.lock();
@@ -576,7 +587,7 @@ impl OutboundQueue {
             took += len;
             moved += 1;
             waits.observe(stamp.0.saturating_sub(queued.queued_at.0));
-            taken.push_back(queued.bytes);
+            taken.put(queued.bytes);
         }
         if st.frames.is_empty() && st.frames.capacity() > EMPTY_ENTRIES_KEPT {
             st.frames = VecDeque::new();

@@ -27,10 +27,10 @@ use crate::api::{ApiError, bearer_token};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::connection::Connection;
-use crate::frame::{self, Limits, ServerFrame};
+use crate::frame::{self, FrameJoin, Limits, ServerFrame};
 use crate::metrics::Refused;
 use crate::model::Encoding;
-use crate::queue::{Next, OutboundQueue};
+use crate::queue::{FrameSink, Next, OutboundQueue};
 
 /// The accepted socket's descriptor, recorded when the connection is accepted.
 #[derive(Debug, Clone, Copy)]
@@ -464,19 +464,18 @@ where
 /// How many bytes of frames the body takes from the queue at once: the HTTP layer's write buffer.
 pub(crate) const TAKE_BYTES: usize = 8 * 1024;
 
-/// The most frames' room the body keeps while it waits (see `OutboundBody::joined`).
+/// The most frames' room the body keeps while it waits.
 const KEPT_CAPACITY: usize = 32;
 
 /// The body of a WebSocket's 101 response: the connection's outbound frames.
 pub(crate) struct OutboundBody {
     conn: Arc<Connection>,
     /// Frames taken from the queue together and handed to the HTTP layer one by one: at most
-    /// [`TAKE_BYTES`], no more than the HTTP layer's own write buffer takes anyway.
+    /// [`TAKE_BYTES`], no more than the HTTP layer's own write buffer takes anyway. For a
+    /// connection that asked for batches, each run of data frames is one message here.
     taken: VecDeque<Bytes>,
-    /// Where [`batch`] puts its result before it trades places with `taken`: both keep their
-    /// capacity from batch to batch, so a batch of a hundred frames is not a hundred pushes
-    /// into a queue grown afresh.
-    joined: VecDeque<Bytes>,
+    /// Joins runs of data frames as they are taken, for a connection that asked for batches.
+    join: Option<FrameJoin>,
     /// Wakes the body when a frame held for a rate slot is due.
     timer: Option<(Instant, Pin<Box<tokio::time::Sleep>>)>,
     /// actix-ws's own body, never polled. actix-ws's `MessageStream` (the read side) keeps reading
@@ -486,13 +485,28 @@ pub(crate) struct OutboundBody {
 
 impl OutboundBody {
     pub(crate) fn new(conn: Arc<Connection>, ws_body: BoxBody) -> Self {
+        let join = conn
+            .batching
+            .then(|| FrameJoin::new(conn.encoding, TAKE_BYTES));
         OutboundBody {
             conn,
             taken: VecDeque::new(),
-            joined: VecDeque::new(),
+            join,
             timer: None,
             _ws_body: ws_body,
         }
+    }
+}
+
+/// The frames a batching connection's body takes: joined on their way into `taken`.
+struct Joining<'a> {
+    join: &'a mut FrameJoin,
+    taken: &'a mut VecDeque<Bytes>,
+}
+
+impl FrameSink for Joining<'_> {
+    fn put(&mut self, frame: Bytes) {
+        self.join.push(frame, self.taken);
     }
 }
 
@@ -512,18 +526,24 @@ impl MessageBody for OutboundBody {
             if let Some(frame) = this.taken.pop_front() {
                 return Poll::Ready(Some(Ok(frame)));
             }
-            match this.conn.queue.take_frames(cx, &mut this.taken, TAKE_BYTES) {
-                Next::Taken if this.conn.batching => {
-                    batch(this.conn.encoding, &mut this.taken, &mut this.joined)
+            let next = match &mut this.join {
+                Some(join) => {
+                    let mut joining = Joining {
+                        join,
+                        taken: &mut this.taken,
+                    };
+                    let next = this.conn.queue.take_frames(cx, &mut joining, TAKE_BYTES);
+                    join.finish(&mut this.taken);
+                    next
                 }
+                None => this.conn.queue.take_frames(cx, &mut this.taken, TAKE_BYTES),
+            };
+            match next {
                 Next::Taken => {}
                 Next::End => return Poll::Ready(None),
-                Next::Wait(due)
-                    if this.taken.capacity().max(this.joined.capacity()) > KEPT_CAPACITY =>
-                {
+                Next::Wait(due) if this.taken.capacity() > KEPT_CAPACITY => {
                     // Caught up after a burst: a quiet connection does not keep its room.
                     this.taken = VecDeque::new();
-                    this.joined = VecDeque::new();
                     if due.is_none() {
                         return Poll::Pending;
                     }
@@ -552,34 +572,6 @@ impl MessageBody for OutboundBody {
             }
         }
     }
-}
-
-/// Joins each run of consecutive data frames into one WebSocket message; control frames (ping,
-/// pong, close) stay on their own. `frames` ends up holding the result and `spare` empty, each
-/// with the capacity it had.
-fn batch(encoding: Encoding, frames: &mut VecDeque<Bytes>, spare: &mut VecDeque<Bytes>) {
-    if frames.len() < 2 {
-        return;
-    }
-    spare.clear();
-    let all = frames.make_contiguous();
-    let mut run_start = 0;
-    for i in 0..=all.len() {
-        if all.get(i).is_some_and(|frame| frame::is_data_frame(frame)) {
-            continue;
-        }
-        match &mut all[run_start..i] {
-            [] => {}
-            [single] => spare.push_back(std::mem::take(single)),
-            run => spare.push_back(frame::join_frames(encoding, run)),
-        }
-        if let Some(control) = all.get_mut(i) {
-            spare.push_back(std::mem::take(control));
-        }
-        run_start = i + 1;
-    }
-    frames.clear();
-    std::mem::swap(frames, spare);
 }
 
 impl Drop for OutboundBody {
@@ -614,11 +606,11 @@ mod tests {
         let text = |i: u32| server_frame(0x1, &format!("{{\"i\":{i}}}"));
         let pong = server_frame(0xA, "");
         let close = server_frame(0x8, "");
-        let mut frames = VecDeque::new();
-        // Left over from an earlier batch: it must not reach the socket.
-        let mut spare = VecDeque::from([text(99)]);
+        // One joiner for every round: nothing of a round may reach the next.
+        let mut join = FrameJoin::new(Encoding::Json, 16);
         for round in 0..2 {
-            frames.extend([
+            let mut joined = VecDeque::new();
+            for frame in [
                 text(1),
                 text(2),
                 pong.clone(),
@@ -627,10 +619,10 @@ mod tests {
                 text(4),
                 text(5),
                 text(6),
-            ]);
-            batch(Encoding::Json, &mut frames, &mut spare);
-            assert!(spare.is_empty(), "round {round}");
-            let joined: Vec<Bytes> = frames.drain(..).collect();
+            ] {
+                join.push(frame, &mut joined);
+            }
+            join.finish(&mut joined);
             assert_eq!(
                 joined,
                 [
@@ -643,10 +635,12 @@ mod tests {
                 "round {round}"
             );
         }
-        // A lone frame is left as it is.
-        frames.push_back(text(7));
-        batch(Encoding::Json, &mut frames, &mut spare);
-        assert_eq!(frames, [text(7)]);
+        // A lone frame is left as it is, and finishing twice adds nothing.
+        let mut joined = VecDeque::new();
+        join.push(text(7), &mut joined);
+        join.finish(&mut joined);
+        join.finish(&mut joined);
+        assert_eq!(joined, [text(7)]);
     }
 
     fn guard(limit: usize) -> FrameSizeGuard<()> {
