@@ -150,6 +150,41 @@ async fn bytes_patterns_rewind_and_latest() {
     );
 }
 
+/// A subscriber that is not reading while a burst is published gets it from a batching server
+/// as WebSocket messages of hundreds of frames each, handed to the application in batches cut
+/// in the middle of those messages: every message arrives once, in order, with its bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_arrives_whole_and_in_order_through_batches() {
+    const BURST: u64 = 3000;
+    let server = TestServer::start();
+    let mut subscriber = Client::builder(url(&server))
+        .encoding(Encoding::Msgpack)
+        .connect()
+        .await
+        .unwrap();
+    assert!(subscriber.welcome().batch, "the server batches frames");
+    subscriber.subscribe("burst").await.unwrap();
+    let publisher = Client::builder(url(&server))
+        .encoding(Encoding::Msgpack)
+        .connect()
+        .await
+        .unwrap();
+    for i in 1..=BURST {
+        let payload = Bytes::copy_from_slice(&i.to_be_bytes());
+        publisher
+            .publish_bytes("burst", payload, false)
+            .await
+            .unwrap();
+    }
+    publisher.ping().await.unwrap();
+    for i in 1..=BURST {
+        let m = next_message(&mut subscriber).await;
+        assert_eq!((m.topic(), m.seq()), ("burst", i));
+        assert_eq!(&m.bytes().unwrap()[..], &i.to_be_bytes()[..]);
+    }
+    subscriber.ping().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_errors_are_typed() {
     let server = TestServer::with(|c| c.max_message_bytes = 100);
