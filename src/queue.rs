@@ -103,7 +103,8 @@ pub(crate) struct OutboundQueue {
 
 struct QueueState {
     frames: VecDeque<Queued>,
-    /// The index of `frames[0]`: a frame keeps its index while it waits, whatever goes before it.
+    /// The index of `frames[0]`: a message frame keeps its index while it waits, whatever goes
+    /// before it (taken, or evicted).
     head: u64,
     /// Bytes accepted and not yet taken by the socket: queued frames and frames held for a rate slot.
     bytes: usize,
@@ -182,8 +183,6 @@ enum Kind {
     },
     Control,
     Close,
-    /// Dropped while waiting; skipped when its turn comes.
-    Evicted,
 }
 
 /// One topic delivered in `latest` mode on this connection.
@@ -569,7 +568,6 @@ impl OutboundQueue {
             st.head += 1;
             let len = queued.bytes.len();
             match &queued.kind {
-                Kind::Evicted => continue,
                 Kind::Message { latest: None, .. } => {}
                 Kind::Message {
                     latest: Some(topic),
@@ -706,20 +704,25 @@ fn prefetch_next_slot(frames: &VecDeque<Queued>) {
 }
 
 impl QueueState {
-    /// Marks the oldest waiting message frame evicted; returns its namespace, None if there is none.
+    /// Removes the oldest waiting message frame; returns its namespace, None if there is none.
+    ///
+    /// Only control frames can wait before it, since an evicted message leaves no entry behind,
+    /// so finding it and removing it touch a few entries, however long a consumer has been
+    /// evicting: its queue stays the size of what still waits.
     fn evict_oldest_message(&mut self) -> Option<Ns> {
         let position = self
             .frames
             .iter()
             .position(|q| matches!(q.kind, Kind::Message { .. }))?;
         let index = self.head + position as u64;
-        let victim = &mut self.frames[position];
-        let Kind::Message { ns, latest } = std::mem::replace(&mut victim.kind, Kind::Evicted)
-        else {
+        let victim = self.frames.remove(position)?;
+        // The entries after it keep their indices (a `latest` slot finds its frame by index);
+        // those before it are control frames, which nothing finds by index.
+        self.head += 1;
+        let Kind::Message { ns, latest } = victim.kind else {
             return None;
         };
         self.bytes -= victim.bytes.len();
-        victim.bytes = Bytes::new();
         if let Some(slot) = latest.and_then(|topic| self.latest.get_mut(&topic))
             && slot.queued == Some(index)
         {
@@ -788,6 +791,11 @@ impl OutboundQueue {
     /// How many entries the queue has room for without growing.
     pub(crate) fn room(&self) -> usize {
         self.state.lock().frames.capacity()
+    }
+
+    /// How many entries are waiting, whatever they hold.
+    pub(crate) fn entries(&self) -> usize {
+        self.state.lock().frames.len()
     }
 
     /// Everything ready to go out now, as the socket would take it.
@@ -1164,6 +1172,61 @@ mod tests {
         })
         .collect();
         assert_eq!(order, vec![0, 2, 3]);
+    }
+
+    /// A consumer whose socket takes nothing for a while (its TCP window is full, but not for
+    /// the write timeout) keeps receiving messages: each evicts the oldest, and what it evicts
+    /// must not stay behind as an entry. Left there, the entries grew by one per message, and
+    /// each eviction searched past all of them for the oldest message still waiting: a minute's
+    /// memory and a quadratic cost for the publisher's thread, paid by every other client.
+    #[test]
+    fn drop_oldest_keeps_no_entry_for_what_it_evicts() {
+        let q = queue(1000, SlowConsumerPolicy::DropOldest);
+        assert!(q.push_control(Bytes::from_static(b"pong")));
+        for i in 0..10_000u32 {
+            assert_eq!(
+                push(&q, Bytes::from(i.to_be_bytes().repeat(25))),
+                Push::Queued
+            );
+        }
+        assert_eq!(q.stats().dropped(), 10_000 - 9);
+        assert_eq!(q.buffered().0, 4 + 9 * 100);
+        assert_eq!(
+            q.entries(),
+            1 + 9,
+            "the control frame and the nine newest messages"
+        );
+        let taken = drain(&q);
+        assert_eq!(taken[0], Bytes::from_static(b"pong"));
+        let firsts: Vec<u32> = taken[1..]
+            .iter()
+            .map(|frame| u32::from_be_bytes(frame[..4].try_into().unwrap()))
+            .collect();
+        assert_eq!(firsts, (10_000 - 9..10_000).collect::<Vec<u32>>());
+    }
+
+    /// Evicting a message from behind a control frame leaves the frames after it where their
+    /// `latest` slots look for them: a newer value still replaces the one waiting, in its place.
+    #[test]
+    fn an_eviction_behind_a_control_frame_keeps_latest_frames_found() {
+        let q = queue(30, SlowConsumerPolicy::DropOldest);
+        let topic: Arc<str> = "t".into();
+        assert!(q.push_control(Bytes::from_static(b"ctl")));
+        assert_eq!(push(&q, Bytes::from_static(b"old message")), Push::Queued);
+        assert_eq!(latest(&q, &topic, b"value 1", None), Push::Queued);
+        // 3 + 11 + 7 bytes wait; 10 more evict the old message.
+        assert_eq!(push(&q, Bytes::from_static(b"newer msg!")), Push::Queued);
+        assert_eq!(q.stats().dropped(), 1);
+        assert_eq!(q.entries(), 3);
+        assert_eq!(latest(&q, &topic, b"value 2", None), Push::Conflated);
+        let taken: Vec<Bytes> = drain(&q);
+        assert_eq!(
+            taken,
+            [&b"ctl"[..], b"value 2", b"newer msg!"]
+                .map(Bytes::from_static)
+                .to_vec()
+        );
+        assert_eq!(q.buffered().0, 0);
     }
 
     #[test]
