@@ -673,7 +673,7 @@ fn accept(
 ) -> Accepted {
     metrics.published(metrics.namespace(topic), source);
     Accepted {
-        seq: published.position.seq,
+        seq: published.seq,
         receivers: published.receivers.unwrap_or_else(|| hub.receivers(topic)),
     }
 }

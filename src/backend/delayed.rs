@@ -201,7 +201,7 @@ impl DelayedBackend {
         };
         let at = (now + delay).max(stream.last_due);
         stream.last_due = at;
-        let position = stream.position.clone();
+        let seq = stream.position.seq;
         // Queued under the streams lock, so that one topic's publications queue in seq order.
         let mut queue = self.pending.queue.lock();
         let order = queue.next;
@@ -215,7 +215,7 @@ impl DelayedBackend {
         drop(streams);
         self.pending.ready.notify_one();
         Published {
-            position,
+            seq,
             receivers: None,
         }
     }

@@ -32,9 +32,8 @@ pub(crate) struct MemoryBackend {
 type Topic = TopicEntry<TopicState>;
 
 pub(crate) struct TopicState {
-    seq: u64,
-    /// Identifies this stream of seqs: a new one whenever the topic starts afresh.
-    epoch: Arc<str>,
+    /// The latest seq, in a stream whose epoch is new whenever the topic starts afresh.
+    position: StreamPosition,
     /// Whether this node has subscribers to the topic.
     interested: bool,
     history: TopicHistory,
@@ -50,8 +49,10 @@ pub(crate) fn new_epoch() -> Arc<str> {
 impl Default for TopicState {
     fn default() -> Self {
         TopicState {
-            seq: 0,
-            epoch: new_epoch(),
+            position: StreamPosition {
+                epoch: new_epoch(),
+                seq: 0,
+            },
             interested: false,
             history: TopicHistory::default(),
             last_active: Instant::now(),
@@ -61,10 +62,7 @@ impl Default for TopicState {
 
 impl TopicState {
     fn position(&self) -> StreamPosition {
-        StreamPosition {
-            epoch: self.epoch.clone(),
-            seq: self.seq,
-        }
+        self.position.clone()
     }
 
     /// Whether nothing needs the topic any more.
@@ -125,10 +123,15 @@ impl MemoryBackend {
     pub(crate) fn publish_now(&self, topic: &str, data: Data) -> Published {
         let accepted = Instant::now();
         let published = self.with_topic(topic, |t, state| {
-            state.seq += 1;
+            state.position.seq += 1;
             state.last_active = accepted;
-            let position = state.position();
-            let publication = Arc::new(Publication::new(t.name.clone(), &position, data, accepted));
+            let seq = state.position.seq;
+            let publication = Arc::new(Publication::new(
+                t.name.clone(),
+                &state.position,
+                data,
+                accepted,
+            ));
             let receivers = self.sink.deliver(&publication);
             self.history.retain(
                 &mut state.history,
@@ -137,7 +140,7 @@ impl MemoryBackend {
                 accepted,
             );
             Published {
-                position,
+                seq,
                 receivers: Some(receivers),
             }
         });
@@ -257,7 +260,7 @@ mod tests {
         let (backend, sink) = backend_with(|_| {});
         for i in 1..=3 {
             let published = backend.publish_now("t", json(&i.to_string()));
-            assert_eq!((published.position.seq, published.receivers), (i, Some(1)));
+            assert_eq!((published.seq, published.receivers), (i, Some(1)));
         }
         backend.publish_now("u", json("1"));
         let delivered: Vec<(String, u64)> = sink

@@ -71,7 +71,8 @@ pub(crate) trait DeliverySink: Send + Sync + 'static {
 /// The outcome of one publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Published {
-    pub position: StreamPosition,
+    /// The message's seq in its topic's stream.
+    pub seq: u64,
     /// Connections on this node the message was queued for, when the backend delivered it
     /// before answering.
     pub receivers: Option<usize>,

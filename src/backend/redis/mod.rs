@@ -250,7 +250,7 @@ impl Backend for RedisBackend {
         Answer::Later(Box::pin(async move {
             let position = answer.await.unwrap_or_else(|_| Err(stopped()))?;
             Ok(Published {
-                position,
+                seq: position.seq,
                 receivers: None,
             })
         }))
