@@ -17,7 +17,7 @@
 //! leaving the topic's lock), so a publisher can never outrun a busy worker without bound.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Poll, Waker};
 
@@ -81,6 +81,10 @@ pub(crate) struct Workers {
 
 struct Inbox {
     pending: Mutex<Pending>,
+    /// Publications handed over and not yet queued for the worker's connections: counted up
+    /// under `pending`'s lock as each is handed over, down once the batch holding it is
+    /// delivered. Idleness is asked on every publish, so it is read without taking a lock.
+    outstanding: AtomicUsize,
     /// Held by whoever delivers a batch taken from `pending`, so batches go out in order.
     turn: Mutex<()>,
     /// Cleared (under `pending`'s lock) when the worker's delivery task ends: its thread stopped,
@@ -140,6 +144,7 @@ impl Workers {
         let worker = *joined as WorkerId;
         let inbox = Arc::new(Inbox {
             pending: Mutex::new(Pending::default()),
+            outstanding: AtomicUsize::new(0),
             turn: Mutex::new(()),
             open: AtomicBool::new(true),
             deliver: deliver(),
@@ -181,6 +186,7 @@ impl Workers {
             return Handed::Stopped;
         }
         pending.publications.push(publication.clone());
+        inbox.outstanding.fetch_add(1, Ordering::Relaxed);
         let backlog = pending.publications.len() > BACKLOG;
         let waker = pending.waker.take();
         drop(pending);
@@ -213,17 +219,25 @@ pub(crate) enum Handed {
 
 impl Inbox {
     fn is_idle(&self) -> bool {
-        // In this order: a batch is taken under `turn`, so once `pending` is seen empty, a batch
-        // taken before is either finished or still holds `turn`. A stopped worker holds nothing.
-        let pending = self.pending.lock();
-        !self.open.load(Ordering::Relaxed)
-            || (pending.publications.is_empty() && !self.turn.is_locked())
+        // Acquire, against the Release of the count-down: once this reads 0, everything handed
+        // over before has been queued. Whoever asks for a topic's next publication holds that
+        // topic's lock, under which its earlier hand-offs were counted up, so it cannot read a
+        // count from before them. A stopped worker holds nothing.
+        !self.open.load(Ordering::Acquire) || self.outstanding.load(Ordering::Acquire) == 0
     }
 
     /// Takes what is waiting and delivers it; false once the broker is gone.
     fn deliver_batch(&self, worker: WorkerId, batch: &mut Vec<Arc<Publication>>) -> bool {
+        /// Counts the batch down even if its delivery unwinds.
+        struct Delivered<'a>(&'a AtomicUsize, usize);
+        impl Drop for Delivered<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(self.1, Ordering::Release);
+            }
+        }
         let _turn = self.turn.lock();
         std::mem::swap(&mut self.pending.lock().publications, batch);
+        let _delivered = Delivered(&self.outstanding, batch.len());
         let more = queue::coalescing_wakes(|| (self.deliver)(worker, batch));
         batch.clear();
         more
@@ -236,8 +250,10 @@ async fn deliver_handed(inbox: Arc<Inbox>, worker: WorkerId) {
     impl Drop for Stopped<'_> {
         fn drop(&mut self) {
             let mut pending = self.0.pending.lock();
-            self.0.open.store(false, Ordering::Relaxed);
+            self.0.open.store(false, Ordering::Release);
+            let dropped = pending.publications.len();
             pending.publications.clear();
+            self.0.outstanding.fetch_sub(dropped, Ordering::Release);
             pending.waker = None;
         }
     }
