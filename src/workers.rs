@@ -356,9 +356,19 @@ mod tests {
             .expect("an arbiter thread can be a worker");
         assert_eq!(workers.here(), None, "this thread is not a worker");
 
+        // Taken from the inbox but not yet delivered: the worker is not idle, or a publisher
+        // would queue for its connections ahead of this publication.
+        assert_eq!(workers.hand_over(worker, &publication(1)), Handed::Queued);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while seen.lock().is_empty() {
+            assert!(Instant::now() < deadline, "the worker never took its batch");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(!workers.is_idle(worker) && !workers.all_idle());
+
         let total = 5 * BACKLOG as u64;
         let mut helped = 0;
-        for seq in 1..=total {
+        for seq in 2..=total {
             match workers.hand_over(worker, &publication(seq)) {
                 Handed::Queued => {}
                 Handed::Backlog => {
